@@ -1,0 +1,375 @@
+"""Build a sharded cell dataset from one or many ``.h5ad`` files.
+
+Every input is validated (genes, vocabulary overlap, obs columns, modality) before anything is
+written. The dataset is assembled in ``OUTPUT.partial/`` and renamed to ``OUTPUT`` only when all
+shards are done, so a finished dataset is never half-written. Each shard is written into a
+temporary folder and renamed when complete, and the manifest records it; re-running the same
+command after an interruption rebuilds only the missing shards. Values that are not raw counts
+(negative, NaN, infinite) abort the build and remove the partial output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from ricefm.binning import bin_cells
+from ricefm.errors import RiceFMInputError
+from ricefm.gene_maps import load_gene_map
+from ricefm.shards import store
+from ricefm.shards.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, MODALITY_NAMES, Manifest, load_manifest
+from ricefm.shards.sources import H5adSource
+from ricefm.vocab import GeneVocab
+
+DEFAULT_CELLS_PER_SHARD = 100_000
+DEFAULT_MIN_GENE_FRACTION = 0.10
+BLOCK_CELLS = 2048
+
+_MODALITY_WORDS = {"scrna": 0, "scrna-seq": 0, "scrnaseq": 0, "sc": 0, "0": 0,
+                   "spatial": 1, "st": 1, "1": 1}
+
+# Fault injection for tests: SIGKILL the build after this many blocks (a real, uncatchable kill).
+_KILL_AFTER_BLOCKS_ENV = "RICEFM_TEST_KILL_AFTER_BLOCKS"
+
+
+@dataclass
+class BuildOptions:
+    layer: str | None = None
+    gene_column: str | None = None
+    modality: str = "scrna"
+    keep_obs: tuple[str, ...] = ()
+    cells_per_shard: int = DEFAULT_CELLS_PER_SHARD
+    gene_map: str | None = None
+    min_gene_fraction: float = DEFAULT_MIN_GENE_FRACTION
+    build_vocab: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "gene_column": self.gene_column, "modality": self.modality,
+                "keep_obs": list(self.keep_obs), "cells_per_shard": self.cells_per_shard,
+                "gene_map": self.gene_map, "min_gene_fraction": self.min_gene_fraction,
+                "build_vocab": self.build_vocab}
+
+
+@dataclass
+class _Input:
+    source: H5adSource
+    vocab_ids: np.ndarray  # per input column: vocabulary id or -1
+    vocab_size: int
+    collapses: bool  # several columns map to one vocabulary gene (summed)
+    modality: np.ndarray  # int8 per cell
+    obs_codes: dict[str, np.ndarray] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _modality_codes(src: H5adSource, modality: str) -> np.ndarray:
+    if modality in ("scrna", "spatial"):
+        return np.full(src.n_obs, _MODALITY_WORDS[modality], dtype=np.int8)
+    if not modality.startswith("obs:"):
+        raise RiceFMInputError(f"--modality {modality!r}: use scrna, spatial or obs:COLUMN")
+    col = src.obs_column(modality[4:], "--modality")
+    words = col.astype(str).str.strip().str.lower()
+    codes = words.map(_MODALITY_WORDS)
+    if codes.isna().any():
+        bad = sorted(set(col[codes.isna()].astype(str)))[:5]
+        raise RiceFMInputError(
+            f"{src.path}: obs[{modality[4:]!r}] (--modality) has values {bad} that are neither scRNA-seq "
+            "(scrna/sc/0) nor spatial (spatial/st/1)")
+    return codes.to_numpy(dtype=np.int8)
+
+
+def _map_genes(src: H5adSource, gene_map: dict[str, str] | None) -> tuple[list[str], int]:
+    if gene_map is None:
+        return src.genes, 0
+    mapped = [gene_map.get(g, g) for g in src.genes]
+    return mapped, sum(1 for g in src.genes if g in gene_map)
+
+
+def _plan_inputs(paths: Sequence[str | Path], opts: BuildOptions, vocab_path: str | Path | None
+                 ) -> tuple[list[_Input], GeneVocab, dict[str, list[str]]]:
+    sources: list[H5adSource] = []
+    try:
+        for p in paths:
+            sources.append(H5adSource.open(p, layer=opts.layer, gene_column=opts.gene_column))
+        gene_map = load_gene_map(opts.gene_map) if opts.gene_map else None
+        mapped_genes = [_map_genes(s, gene_map) for s in sources]
+        if opts.build_vocab:
+            vocab = GeneVocab.from_genes(sorted(set().union(*(set(g) for g, _ in mapped_genes))))
+        else:
+            vocab = GeneVocab.load(vocab_path) if vocab_path is not None else GeneVocab.default()
+        categories: dict[str, list[str]] = {}
+        for column in opts.keep_obs:
+            values: set[str] = set()
+            for s in sources:
+                values.update(s.obs_column(column, "--keep-obs").dropna().astype(str))
+            categories[column] = sorted(values)
+        inputs = []
+        for s, (genes, n_by_table) in zip(sources, mapped_genes):
+            ids = vocab.lookup(genes)
+            matched = ids >= 0
+            frac = matched.mean() if len(ids) else 0.0
+            if frac < opts.min_gene_fraction:
+                hint = " (RAP-DB ids? add --gene-map rap-to-msu)" if any(g[:2] == "Os" and "g" in g for g in s.genes[:50]) and not opts.gene_map else ""
+                raise RiceFMInputError(
+                    f"{s.path}: only {matched.sum()} of {len(ids)} genes ({frac:.1%}) of "
+                    f"{opts.gene_column or 'var_names'} are in the vocabulary {vocab.source}, below "
+                    f"--min-gene-fraction {opts.min_gene_fraction:g}{hint}; use a matching --vocab or --build-vocab")
+            kept = ids[matched]
+            obs_codes = {}
+            for column, cats in categories.items():
+                col = s.obs_column(column, "--keep-obs")
+                labels = [None if pd.isna(v) else str(v) for v in col.astype(object)]
+                codes = pd.Categorical(labels, categories=cats).codes  # missing -> -1
+                obs_codes[column] = codes.astype(store.OBS_DTYPE)
+            inputs.append(_Input(
+                source=s, vocab_ids=ids, vocab_size=len(vocab), collapses=len(np.unique(kept)) != len(kept),
+                modality=_modality_codes(s, opts.modality), obs_codes=obs_codes,
+                stats={"path": str(s.path.resolve()), "field": s.field, "n_obs": s.n_obs, "n_vars": s.n_vars,
+                       "file_bytes": s.path.stat().st_size, "genes_matched": int(matched.sum()),
+                       "genes_unmatched": int((~matched).sum()), "genes_mapped_by_table": n_by_table,
+                       "genes_merged": int(len(kept) - len(np.unique(kept)))}))
+        return inputs, vocab, categories
+    except BaseException:
+        for s in sources:
+            s.close()
+        raise
+
+
+def _to_vocab_space(block: sp.csr_matrix, inp: _Input) -> sp.csr_matrix:
+    """Keep in-vocabulary columns, relabelled with vocabulary ids; input column order is kept."""
+    ids = inp.vocab_ids[block.indices]
+    keep = ids >= 0
+    indptr = np.concatenate([[0], np.cumsum(keep)])[block.indptr]
+    out = sp.csr_matrix((block.data[keep], ids[keep].astype(np.int32), indptr), shape=(block.shape[0], inp.vocab_size))
+    if inp.collapses:  # several input genes -> one vocabulary gene: sum their counts
+        out.sum_duplicates()
+    return out
+
+
+class _ShardWriter:
+    """Appends cells to the arrays of one shard; non-zero arrays are flushed in whole zarr shards."""
+
+    def __init__(self, path: Path, categories: dict[str, list[str]]):
+        self.path = path
+        path.mkdir(parents=True)
+        self.arrays = {k: store.create_array(path / k, dt, per_nonzero=True) for k, dt in store.NONZERO_ARRAYS.items()}
+        self.buffers: dict[str, list[np.ndarray]] = {k: [] for k in store.NONZERO_ARRAYS}
+        self.buffered = 0
+        self.cells: dict[str, list[np.ndarray]] = {k: [] for k in (*store.CELL_ARRAYS, *("obs/" + c for c in categories))}
+        self.categories = categories
+        self.n_nonzero = 0
+        self.n_cells = 0
+
+    def add(self, gene_ids, values, bins, lengths, modality, source_file, source_row, obs_codes) -> None:
+        for k, a in (("gene_ids", gene_ids), ("values", values), ("bins", bins)):
+            self.buffers[k].append(a)
+        self.buffered += len(gene_ids)
+        self.cells["offsets"].append(self.n_nonzero + np.cumsum(lengths))
+        self.cells["modality"].append(modality)
+        self.cells["source_file"].append(source_file)
+        self.cells["source_row"].append(source_row)
+        for c, codes in obs_codes.items():
+            self.cells["obs/" + c].append(codes)
+        self.n_nonzero += int(lengths.sum())
+        self.n_cells += len(lengths)
+        if self.buffered >= store.OUTER_CHUNK:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        n = self.buffered if final else (self.buffered // store.OUTER_CHUNK) * store.OUTER_CHUNK
+        if n == 0:
+            return
+        for k, parts in self.buffers.items():
+            flat = np.concatenate(parts)
+            self.arrays[k] = store.append(self.arrays[k], flat[:n])
+            self.buffers[k] = [flat[n:]]
+        self.buffered -= n
+
+    def close(self) -> dict[str, Any]:
+        self._flush(final=True)
+        cell_arrays = {"offsets": np.concatenate([[0], *self.cells["offsets"]])}
+        for k, parts in self.cells.items():
+            if k != "offsets":
+                cell_arrays[k] = np.concatenate(parts) if parts else np.zeros(0)
+        for k, a in cell_arrays.items():
+            name = k.split("/")[-1]
+            dtype = store.CELL_ARRAYS.get(k, store.OBS_DTYPE)
+            attrs = {"categories": self.categories[name]} if k.startswith("obs/") else None
+            arr = store.create_array(self.path / k, dtype, per_nonzero=False, attributes=attrs)
+            store.append(arr, a.astype(dtype))
+        modality_counts = np.bincount(cell_arrays["modality"].astype(np.int64), minlength=2).tolist()
+        info = {"n_cells": self.n_cells, "n_nonzero": self.n_nonzero, "modality_counts": modality_counts}
+        if self.categories:
+            store.write_group(self.path / "obs", {})
+        store.write_group(self.path, {"format": FORMAT_NAME, **info})
+        return info
+
+
+def _global_rows(inputs: list[_Input]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum([i.source.n_obs for i in inputs])])
+
+
+def _write_shard(k: int, rows: tuple[int, int], inputs: list[_Input], categories, staging: Path,
+                 progress: tqdm, kill_counter: list[int]) -> dict[str, Any]:
+    final = staging / f"shard-{k:05d}"
+    tmp = staging / f"shard-{k:05d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)
+    writer = _ShardWriter(tmp, categories)
+    starts = _global_rows(inputs)
+    dropped = {"no_counts": 0, "no_vocab_genes": 0}
+    lo, hi = rows
+    while lo < hi:
+        f = int(np.searchsorted(starts, lo, side="right") - 1)
+        inp = inputs[f]
+        r0 = lo - int(starts[f])
+        r1 = min(r0 + BLOCK_CELLS, inp.source.n_obs, hi - int(starts[f]))
+        block = inp.source.read_rows(r0, r1)
+        mapped = _to_vocab_space(block, inp)
+        lengths = np.diff(mapped.indptr)
+        empty_input = np.diff(block.indptr) == 0
+        dropped["no_counts"] += int(empty_input.sum())
+        dropped["no_vocab_genes"] += int(((lengths == 0) & ~empty_input).sum())
+        keep = lengths > 0
+        if keep.any():
+            kept_rows = np.flatnonzero(keep)
+            if not keep.all():
+                mapped = mapped[kept_rows]
+            lengths = np.diff(mapped.indptr)
+            writer.add(mapped.indices.astype(np.int32), mapped.data, bin_cells(mapped.indptr, mapped.data), lengths,
+                       inp.modality[r0:r1][keep], np.full(len(kept_rows), f, np.int32), r0 + kept_rows,
+                       {c: codes[r0:r1][keep] for c, codes in inp.obs_codes.items()})
+        progress.update(r1 - r0)
+        lo = int(starts[f]) + r1
+        kill_counter[0] += 1
+        if kill_counter[0] == int(os.environ.get(_KILL_AFTER_BLOCKS_ENV, "-1")):
+            os.kill(os.getpid(), signal.SIGKILL)
+    info = writer.close()
+    os.replace(tmp, final)
+    return {"name": final.name, "complete": True, "rows": [rows[0], rows[1]], **info, "cells_dropped": dropped}
+
+
+def _new_manifest(inputs: list[_Input], vocab: GeneVocab, categories, opts: BuildOptions) -> Manifest:
+    total = int(_global_rows(inputs)[-1])
+    cps = opts.cells_per_shard
+    shards = [{"name": f"shard-{k:05d}", "complete": False, "rows": [lo, min(lo + cps, total)]}
+              for k, lo in enumerate(range(0, total, cps))]
+    return Manifest({
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False,
+        "vocab_sha256": vocab.sha256(), "vocab_size": len(vocab),
+        "n_cells": None, "n_nonzero": None, "modality_counts": None, "cells_dropped": None,
+        "obs_columns": categories, "build": opts.as_dict(),
+        "sources": [i.stats for i in inputs], "shards": shards})
+
+
+def _same_build(old: Manifest, new: Manifest) -> list[str]:
+    diffs = []
+    for key in ("vocab_sha256", "build", "obs_columns"):
+        if old.data[key] != new.data[key]:
+            diffs.append(key)
+    old_src = [(s["path"], s["n_obs"], s["n_vars"], s["file_bytes"]) for s in old.data["sources"]]
+    new_src = [(s["path"], s["n_obs"], s["n_vars"], s["file_bytes"]) for s in new.data["sources"]]
+    if old_src != new_src:
+        diffs.append("sources")
+    return diffs
+
+
+def build_dataset(inputs: Sequence[str | Path], output: str | Path, vocab_path: str | Path | None = None,
+                  options: BuildOptions | None = None, progress: bool = True) -> dict[str, Any]:
+    """Build (or finish building) a dataset; returns the final manifest as a dict."""
+    opts = options or BuildOptions()
+    if opts.cells_per_shard < 1:
+        raise RiceFMInputError(f"--cells-per-shard must be >= 1, got {opts.cells_per_shard}")
+    if not inputs:
+        raise RiceFMInputError("build-data needs at least one input .h5ad file")
+    output = Path(output)
+    staging = output.with_name(output.name + ".partial")
+    plan, vocab, categories = _plan_inputs(inputs, opts, vocab_path)
+    try:
+        fresh = _new_manifest(plan, vocab, categories, opts)
+        if output.exists():
+            if (output / MANIFEST_NAME).is_file():
+                done = load_manifest(output)
+                if done.vocab_sha256 != fresh.vocab_sha256:
+                    raise RiceFMInputError(
+                        f"{output}: already holds a dataset built with another vocabulary "
+                        f"(sha256 {done.vocab_sha256[:12]} vs {fresh.vocab_sha256[:12]}); choose another --output")
+                diffs = _same_build(done, fresh)
+                if diffs:
+                    raise RiceFMInputError(
+                        f"{output}: already holds a dataset built with different {', '.join(diffs)}; choose another --output")
+                return done.data
+            if any(output.iterdir()):
+                raise RiceFMInputError(f"{output}: exists and is not a riceFM dataset; choose another --output")
+        if staging.exists() and not (staging / MANIFEST_NAME).is_file():
+            shutil.rmtree(staging)  # killed before its first manifest: nothing to keep
+        if staging.exists():
+            manifest = load_manifest(staging, require_complete=False)
+            diffs = _same_build(manifest, fresh)
+            if diffs:
+                raise RiceFMInputError(
+                    f"{staging}: an interrupted build with different {', '.join(diffs)} is in the way; "
+                    "re-run it with its original arguments, or delete that folder")
+        else:
+            staging.mkdir(parents=True)
+            vocab.save(staging / "vocab.json")
+            manifest = fresh
+            manifest.save(staging)
+        total = int(_global_rows(plan)[-1])
+        done_cells = sum(s["rows"][1] - s["rows"][0] for s in manifest.shards if s["complete"])
+        kill_counter = [0]
+        with tqdm(total=total, initial=done_cells, unit="cell", desc="build-data", disable=not progress) as bar:
+            for k, shard in enumerate(manifest.shards):
+                if shard["complete"]:
+                    continue
+                try:
+                    manifest.shards[k] = _write_shard(k, tuple(shard["rows"]), plan, categories, staging, bar, kill_counter)
+                except RiceFMInputError:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise
+                manifest.save(staging)
+        shards = manifest.shards
+        manifest.data["n_cells"] = sum(s["n_cells"] for s in shards)
+        manifest.data["n_nonzero"] = sum(s["n_nonzero"] for s in shards)
+        counts = np.sum([s["modality_counts"] for s in shards], axis=0).tolist()
+        manifest.data["modality_counts"] = dict(zip(MODALITY_NAMES, counts))
+        manifest.data["cells_dropped"] = {r: sum(s["cells_dropped"][r] for s in shards) for r in ("no_counts", "no_vocab_genes")}
+        if manifest.data["n_cells"] == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise RiceFMInputError(f"{', '.join(map(str, inputs))}: no cell has a non-zero in-vocabulary gene; nothing to build")
+        manifest.data["complete"] = True
+        manifest.save(staging)
+        if output.exists():
+            output.rmdir()
+        os.replace(staging, output)
+        return manifest.data
+    finally:
+        for i in plan:
+            i.source.close()
+
+
+def format_summary(manifest: dict[str, Any], output: str | Path) -> str:
+    """The human-readable end-of-build report."""
+    lines = [f"dataset {output}: {manifest['n_cells']:,} cells, {manifest['n_nonzero']:,} non-zero values "
+             f"in {len(manifest['shards'])} shard(s)"]
+    for s in manifest["sources"]:
+        lines.append(f"  {s['path']} [{s['field']}]: {s['n_obs']:,} cells; genes in vocabulary "
+                     f"{s['genes_matched']:,} / {s['n_vars']:,} (unmatched {s['genes_unmatched']:,}"
+                     + (f", mapped by table {s['genes_mapped_by_table']:,}" if manifest["build"]["gene_map"] else "")
+                     + (f", merged {s['genes_merged']:,}" if s["genes_merged"] else "") + ")")
+    mc = manifest["modality_counts"]
+    lines.append(f"  modality: scRNA-seq {mc['scrna']:,}, spatial {mc['spatial']:,}")
+    d = manifest["cells_dropped"]
+    lines.append(f"  cells dropped: {d['no_counts'] + d['no_vocab_genes']:,} "
+                 f"(no counts {d['no_counts']:,}; counts only in genes outside the vocabulary {d['no_vocab_genes']:,})")
+    for col, cats in manifest["obs_columns"].items():
+        lines.append(f"  obs[{col!r}]: {len(cats)} categories")
+    return "\n".join(lines)

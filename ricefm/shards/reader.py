@@ -1,0 +1,107 @@
+"""Random access to the cells of a built dataset, NumPy only.
+
+A read of any set of cells costs one TensorStore read of ``offsets`` and one per requested
+array for each shard the cells fall in; nothing reads a whole shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ricefm.errors import RiceFMInputError
+from ricefm.shards import store
+from ricefm.shards.manifest import Manifest, load_manifest
+from ricefm.vocab import GeneVocab
+
+
+@dataclass
+class CellBatch:
+    """Cells in CSR layout: cell i owns ``flat[starts[i]:starts[i] + lengths[i]]``, in request order."""
+
+    indices: np.ndarray  # global cell index
+    lengths: np.ndarray  # int64
+    modality: np.ndarray  # int8
+    arrays: dict[str, np.ndarray]  # flat per-non-zero arrays ("gene_ids", "bins", "values")
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+
+    def cell(self, i: int, name: str) -> np.ndarray:
+        s = int(self.starts[i])
+        return self.arrays[name][s:s + int(self.lengths[i])]
+
+
+class ShardedCells:
+    """The cells of a dataset directory, addressed by a global index 0..n_cells-1."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.manifest: Manifest = load_manifest(self.directory)
+        self.vocab = GeneVocab.load(self.directory / "vocab.json")
+        if self.vocab.sha256() != self.manifest.vocab_sha256:
+            raise RiceFMInputError(f"{self.directory}/vocab.json does not match the manifest's vocab_sha256; rebuild the dataset")
+        counts = [s["n_cells"] for s in self.manifest.shards]
+        self.shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._open: dict[tuple[int, str], object] = {}
+
+    def __len__(self) -> int:
+        return int(self.shard_starts[-1])
+
+    def _array(self, shard: int, name: str):
+        key = (shard, name)
+        if key not in self._open:
+            self._open[key] = store.open_array(self.directory / self.manifest.shards[shard]["name"] / name)
+        return self._open[key]
+
+    def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"cell index out of range 0..{len(self) - 1}")
+        shard = np.searchsorted(self.shard_starts, indices, side="right") - 1
+        return shard, indices - self.shard_starts[shard]
+
+    def read(self, indices: Sequence[int] | np.ndarray, arrays: Sequence[str] = ("gene_ids", "bins")) -> CellBatch:
+        indices = np.asarray(indices, dtype=np.int64)
+        shard, local = self._locate(indices)
+        lengths = np.zeros(len(indices), np.int64)
+        modality = np.zeros(len(indices), np.int8)
+        per_shard = []
+        for k in np.unique(shard):
+            sel = np.flatnonzero(shard == k)
+            loc = local[sel]
+            bounds = self._array(k, "offsets")[np.concatenate([loc, loc + 1])].read().result()
+            start, stop = bounds[: len(loc)], bounds[len(loc):]
+            lengths[sel] = stop - start
+            modality[sel] = self._array(k, "modality")[loc].read().result()
+            # flat positions of all requested cells, in request order
+            n = stop - start
+            pos = np.repeat(start - np.concatenate([[0], np.cumsum(n)[:-1]]), n) + np.arange(int(n.sum()))
+            futures = {a: self._array(k, a)[pos].read() for a in arrays}
+            per_shard.append((sel, n, futures))
+        flat = {a: np.empty(int(lengths.sum()), dtype=store.NONZERO_ARRAYS[a]) for a in arrays}
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        for sel, n, futures in per_shard:
+            if len(per_shard) == 1:
+                for a, fut in futures.items():
+                    flat[a][:] = fut.result()
+                continue
+            dest = np.repeat(starts[sel] - np.concatenate([[0], np.cumsum(n)[:-1]]), n) + np.arange(int(n.sum()))
+            for a, fut in futures.items():
+                flat[a][dest] = fut.result()
+        return CellBatch(indices=indices, lengths=lengths, modality=modality, arrays=flat)
+
+    def obs_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
+        """Integer codes of a kept obs column for every cell (-1 = missing), and its categories."""
+        if column not in self.manifest.obs_columns:
+            raise RiceFMInputError(
+                f"{self.directory}: obs column {column!r} was not kept; kept: {list(self.manifest.obs_columns) or 'none'} "
+                "(rebuild with --keep-obs)")
+        codes = [self._array(k, f"obs/{column}").read().result() for k in range(len(self.manifest.shards))]
+        return np.concatenate(codes), list(self.manifest.obs_columns[column])
+
+    def modality(self) -> np.ndarray:
+        return np.concatenate([self._array(k, "modality").read().result() for k in range(len(self.manifest.shards))])
