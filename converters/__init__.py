@@ -1,0 +1,1 @@
+"""Checkpoint converters between the published riceFM format, torch safetensors and Flax/orbax."""

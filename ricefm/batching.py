@@ -1,0 +1,226 @@
+"""Cells -> NumPy batch dicts in the published riceFM layouts, plus the epoch/rank/step plan.
+
+Every batch is a pure function of (seed, epoch, step, rank): the epoch order comes from
+(seed, epoch), a rank takes every ``world_size``-th cell of it, and a batch's random choices
+(gen ratio, pcpt/gen split, sub-sampling) come from (seed, epoch, step[, rank]). Training can
+therefore resume at any step and see exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ricefm.shards.reader import CellBatch, ShardedCells
+
+SELECTIONS = ("highest", "first", "random")
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """The token ids and values every batch layout needs."""
+
+    pad_id: int
+    cls_id: int
+    pad_value: float = -2.0
+
+
+def epoch_order(n_cells: int, seed: int, epoch: int) -> np.ndarray:
+    """A permutation of all cells that depends only on (seed, epoch)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x0E70C])).permutation(n_cells)
+
+
+def rank_cells(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """This rank's share of an epoch order: disjoint across ranks, together all cells."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    return order[rank::world_size]
+
+
+def steps_per_epoch(n_cells: int, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:
+    """Batches per rank per epoch; the same on every rank so data-parallel steps stay in lockstep."""
+    if drop_last:
+        return (n_cells // world_size) // batch_size
+    largest_rank = -(-n_cells // world_size)
+    return -(-largest_rank // batch_size)
+
+
+def batch_cells(n_cells: int, seed: int, epoch: int, step: int, batch_size: int,
+                rank: int = 0, world_size: int = 1) -> np.ndarray:
+    mine = rank_cells(epoch_order(n_cells, seed, epoch), rank, world_size)
+    return mine[step * batch_size:(step + 1) * batch_size]
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+
+
+def _cell_tokens(cells: CellBatch, i: int) -> tuple[np.ndarray, np.ndarray]:
+    return cells.cell(i, "gene_ids"), cells.cell(i, "bins")
+
+
+def collate_generative(cells: CellBatch, tokens: TokenSpec, max_seq_len: int, gen_ratio: float,
+                       rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The published "both" layout: a perceptual stream (<cls> + genes with their bins) and a
+    generative stream (gene ids only; their bins are the targets).
+
+    L = min(max_seq_len, longest <cls>+genes); gen_len = int((L-1) r), pcpt_len = L - gen_len.
+    A cell's genes are split at random, int(n r) to gen and the rest to pcpt; a part longer
+    than its length is sub-sampled at random (pcpt keeps <cls>); genes keep their stored order.
+    """
+    n_cells = len(cells.lengths)
+    L = int(min(max_seq_len, int(cells.lengths.max(initial=0)) + 1))
+    gen_len = int((L - 1) * gen_ratio)
+    pcpt_len = L - gen_len
+    pcpt_ids = np.full((n_cells, pcpt_len), tokens.pad_id, np.int64)
+    pcpt_vals = np.full((n_cells, pcpt_len), tokens.pad_value, np.float32)
+    gen_ids = np.full((n_cells, gen_len), tokens.pad_id, np.int64)
+    gen_vals = np.full((n_cells, gen_len), tokens.pad_value, np.float32)
+    pcpt_ids[:, 0] = tokens.cls_id
+    for i in range(n_cells):
+        genes, bins = _cell_tokens(cells, i)
+        n = len(genes)
+        perm = rng.permutation(n)
+        n_gen = int(n * gen_ratio)
+        gen_sel, pcpt_sel = perm[:n_gen], perm[n_gen:]
+        if len(gen_sel) > gen_len:
+            gen_sel = rng.choice(gen_sel, gen_len, replace=False)
+        if len(pcpt_sel) > pcpt_len - 1:
+            pcpt_sel = rng.choice(pcpt_sel, pcpt_len - 1, replace=False)
+        gen_sel = np.sort(gen_sel)
+        pcpt_sel = np.sort(pcpt_sel)
+        gen_ids[i, :len(gen_sel)] = genes[gen_sel]
+        gen_vals[i, :len(gen_sel)] = bins[gen_sel]
+        pcpt_ids[i, 1:1 + len(pcpt_sel)] = genes[pcpt_sel]
+        pcpt_vals[i, 1:1 + len(pcpt_sel)] = bins[pcpt_sel]
+    return {
+        "pcpt_gene_ids": pcpt_ids, "pcpt_values": pcpt_vals, "pcpt_key_padding_mask": pcpt_ids == tokens.pad_id,
+        "gen_gene_ids": gen_ids, "gen_target_values": gen_vals, "gen_key_padding_mask": gen_ids == tokens.pad_id,
+        "mod_types": cells.modality.astype(np.int64), "gen_prob": np.float32(gen_ratio),
+        "cell_index": cells.indices.astype(np.int64),
+    }
+
+
+def select_genes(values: np.ndarray, k: int, selection: str, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Positions of at most k genes to keep, in stored order.
+
+    ``highest``: largest values first, ties by stored order (deterministic, for embeddings);
+    ``first``: the first k in stored order (the published no-sampling collator);
+    ``random``: a uniform random subset (needs ``rng``).
+    """
+    n = len(values)
+    if n <= k:
+        return np.arange(n)
+    if selection == "highest":
+        keep = np.argsort(-values.astype(np.float64), kind="stable")[:k]
+    elif selection == "first":
+        keep = np.arange(k)
+    elif selection == "random":
+        if rng is None:
+            raise ValueError("selection='random' needs an rng")
+        keep = rng.choice(n, k, replace=False)
+    else:
+        raise ValueError(f"selection {selection!r} is not one of {SELECTIONS}")
+    return np.sort(keep)
+
+
+def collate_pcpt(cells: CellBatch, tokens: TokenSpec, max_seq_len: int, selection: str = "highest",
+                 rng: np.random.Generator | None = None, value_array: str = "bins") -> dict[str, np.ndarray]:
+    """Perceptual-only layout for embeddings/inference: <cls> + the cell's genes, padded to
+    min(max_seq_len, longest cell + 1); a longer cell keeps ``max_seq_len - 1`` genes by
+    ``selection``."""
+    n_cells = len(cells.lengths)
+    L = int(min(max_seq_len, int(cells.lengths.max(initial=0)) + 1))
+    ids = np.full((n_cells, L), tokens.pad_id, np.int64)
+    vals = np.full((n_cells, L), tokens.pad_value, np.float32)
+    ids[:, 0] = tokens.cls_id
+    for i in range(n_cells):
+        genes, values = cells.cell(i, "gene_ids"), cells.cell(i, value_array)
+        keep = select_genes(values, L - 1, selection, rng)
+        ids[i, 1:1 + len(keep)] = genes[keep]
+        vals[i, 1:1 + len(keep)] = values[keep]
+    return {"gene_ids": ids, "values": vals, "key_padding_mask": ids == tokens.pad_id,
+            "mod_types": cells.modality.astype(np.int64), "cell_index": cells.indices.astype(np.int64)}
+
+
+class BatchStream:
+    """Generative training batches for one data-parallel rank, starting at any (epoch, step).
+
+    Reads run on a background thread (TensorStore releases the GIL) so that loading overlaps
+    with the consumer; ``prefetch`` batches are kept ready.
+    """
+
+    def __init__(self, dataset: ShardedCells, tokens: TokenSpec, batch_size: int, max_seq_len: int,
+                 gen_ratios: Sequence[float], seed: int, rank: int = 0, world_size: int = 1,
+                 start_epoch: int = 0, start_step: int = 0, n_epochs: int | None = None, prefetch: int = 4,
+                 cells: np.ndarray | None = None):
+        self.dataset, self.tokens = dataset, tokens
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        self.gen_ratios = tuple(float(r) for r in gen_ratios)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.start_epoch, self.start_step, self.n_epochs = start_epoch, start_step, n_epochs
+        self.prefetch = prefetch
+        # a subset of the dataset (e.g. the training split); positions index into it
+        self.cells = np.arange(len(dataset)) if cells is None else np.asarray(cells, np.int64)
+        self.steps_per_epoch = steps_per_epoch(len(self.cells), batch_size, world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.cells)} cells over {world_size} rank(s) make no batch of {batch_size}")
+
+    def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
+        """The batch at (epoch, step) for this rank; a pure function of its arguments."""
+        pos = batch_cells(len(self.cells), self.seed, epoch, step, self.batch_size, self.rank, self.world_size)
+        cells = self.dataset.read(self.cells[pos])
+        ratio = self.gen_ratios[_rng(self.seed, epoch, step).integers(len(self.gen_ratios))]
+        batch = collate_generative(cells, self.tokens, self.max_seq_len, ratio,
+                                   _rng(self.seed, epoch, step, self.rank, 1))
+        batch["epoch"], batch["step"] = np.int64(epoch), np.int64(step)
+        return batch
+
+    def _positions(self) -> Iterator[tuple[int, int]]:
+        epoch, step = self.start_epoch, self.start_step
+        while self.n_epochs is None or epoch < self.n_epochs:
+            while step < self.steps_per_epoch:
+                yield epoch, step
+                step += 1
+            epoch, step = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if self.prefetch <= 0:
+            for epoch, step in self._positions():
+                yield self.batch(epoch, step)
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                for epoch, step in self._positions():
+                    if stop.is_set():
+                        return
+                    q.put(self.batch(epoch, step))
+                q.put(done)
+            except BaseException as e:  # handed to the consumer, raised there
+                q.put(e)
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while t.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    t.join(0.01)

@@ -1,0 +1,77 @@
+"""The ``ricefm`` command line. Bad input ends with one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from ricefm.errors import RiceFMInputError
+
+
+def _build_data(args: argparse.Namespace) -> None:
+    from ricefm.shards.build import BuildOptions, build_dataset, format_summary
+
+    opts = BuildOptions(
+        layer=args.layer, gene_column=args.gene_column, modality=args.modality,
+        keep_obs=tuple(c for c in (args.keep_obs or "").split(",") if c),
+        cells_per_shard=args.cells_per_shard, gene_map=args.gene_map,
+        min_gene_fraction=args.min_gene_fraction, build_vocab=args.build_vocab)
+    manifest = build_dataset(args.inputs, args.output, vocab_path=args.vocab, options=opts, progress=not args.quiet)
+    if args.build_vocab and args.vocab:
+        _export_vocab(args.output, args.vocab)
+    print(format_summary(manifest, args.output))
+
+
+def _export_vocab(dataset: str, path: str) -> None:
+    """--build-vocab with --vocab PATH also writes the new vocabulary to PATH (never a different one over it)."""
+    from pathlib import Path
+
+    from ricefm.vocab import GeneVocab
+
+    built = GeneVocab.load(Path(dataset) / "vocab.json")
+    if Path(path).exists():
+        if GeneVocab.load(path) != built:
+            raise RiceFMInputError(f"{path}: exists with different contents; --build-vocab will not overwrite it, choose another --vocab path")
+        return
+    built.save(path)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from ricefm.gene_maps import GENE_MAP_NAMES
+    from ricefm.shards.build import DEFAULT_CELLS_PER_SHARD, DEFAULT_MIN_GENE_FRACTION
+
+    p = argparse.ArgumentParser(prog="ricefm", description="riceFM: data shards, checkpoints, embeddings, evaluation")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build-data", help="AnnData (.h5ad) files -> TensorStore cell shards")
+    b.add_argument("inputs", nargs="+", metavar="INPUT", help=".h5ad files with raw counts")
+    b.add_argument("--output", required=True, help="dataset directory to create")
+    b.add_argument("--vocab", default=None,
+                   help="vocab.json (gene -> id, <pad>/<cls>/<eoc> after the genes); default: shipped rice MSU7 vocabulary. "
+                        "With --build-vocab: where to also write the built vocabulary")
+    b.add_argument("--build-vocab", action="store_true", help="build the vocabulary from the inputs' genes (sorted)")
+    b.add_argument("--layer", default=None, help="read counts from layers[NAME] instead of X")
+    b.add_argument("--gene-column", default=None, help="var column holding gene ids (default: var_names)")
+    b.add_argument("--gene-map", default=None, choices=GENE_MAP_NAMES, help="translate gene ids with a shipped table first")
+    b.add_argument("--modality", default="scrna", help="scrna | spatial | obs:COLUMN (values scrna/spatial or 0/1)")
+    b.add_argument("--keep-obs", default="", help="comma-separated obs columns to store as integer codes")
+    b.add_argument("--cells-per-shard", type=int, default=DEFAULT_CELLS_PER_SHARD)
+    b.add_argument("--min-gene-fraction", type=float, default=DEFAULT_MIN_GENE_FRACTION,
+                   help="error if fewer than this fraction of a file's genes are in the vocabulary")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_build_data)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except RiceFMInputError as e:
+        print(f"ricefm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
