@@ -1,0 +1,149 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from ricefm.batching import (BatchStream, TokenSpec, batch_cells, collate_generative, collate_pcpt, epoch_order,
+                             rank_cells, select_genes, steps_per_epoch)
+from ricefm.binning import bin_cells
+from ricefm.shards.reader import CellBatch
+
+TOK = TokenSpec(pad_id=120, cls_id=121, pad_value=-2.0)
+
+
+def cells_from_counts(raw, col_gene_ids, modality):
+    m = sp.csr_matrix(raw)
+    return CellBatch(indices=np.arange(raw.shape[0]), lengths=np.diff(m.indptr).astype(np.int64),
+                     modality=np.asarray(modality, np.int8),
+                     arrays={"gene_ids": col_gene_ids[m.indices].astype(np.int32),
+                             "bins": bin_cells(m.indptr, m.data), "values": m.data})
+
+
+def test_whole_cell_batch_equals_published_inference_input(reference):
+    cells = cells_from_counts(reference["in/raw_counts"], reference["in/raw_col_gene_ids"], reference["in/mod_types"])
+    b = collate_pcpt(cells, TOK, max_seq_len=10_000, selection="first")
+    for ours, theirs in [("gene_ids", "gene_ids"), ("values", "values"), ("key_padding_mask", "key_padding_mask"),
+                         ("mod_types", "mod_types")]:
+        np.testing.assert_array_equal(b[ours], reference[f"infer_in/{theirs}"])
+    assert b["values"][:, 0].tolist() == [-2.0] * 8  # <cls> carries pad_value
+
+
+@pytest.mark.parametrize("name,max_len", [("full", 128), ("trunc64", 64)])
+def test_unsplit_collator_equals_published(binning_ref, name, max_len):
+    cells = cells_from_counts(binning_ref["raw_counts"], binning_ref["gene_ids"], binning_ref["collate_mod_types"])
+    b = collate_pcpt(cells, TOK, max_seq_len=max_len, selection="first")
+    np.testing.assert_array_equal(b["gene_ids"], binning_ref[f"collate_{name}_genes"])
+    np.testing.assert_array_equal(b["values"], binning_ref[f"collate_{name}_values"])
+
+
+def test_generative_split_matches_published_shapes_counts_and_values(binning_ref):
+    raw = binning_ref["raw_counts"]
+    cells = cells_from_counts(raw, binning_ref["gene_ids"], binning_ref["collate_mod_types"])
+    b = collate_generative(cells, TOK, max_seq_len=64, gen_ratio=0.5, rng=np.random.default_rng(0))
+    ref_p, ref_g = binning_ref["collate_split_pcpt_genes"], binning_ref["collate_split_gen_genes"]
+    assert b["pcpt_gene_ids"].shape == ref_p.shape == (20, 33) and b["gen_gene_ids"].shape == ref_g.shape == (20, 31)
+    np.testing.assert_array_equal((b["pcpt_gene_ids"] != 120).sum(1), (ref_p != 120).sum(1))
+    np.testing.assert_array_equal((b["gen_gene_ids"] != 120).sum(1), (ref_g != 120).sum(1))
+    bins = binning_ref["pretrain_binned"]
+    for i in range(20):
+        p = b["pcpt_gene_ids"][i][~b["pcpt_key_padding_mask"][i]]
+        g = b["gen_gene_ids"][i][~b["gen_key_padding_mask"][i]]
+        assert p[0] == 121 and not set(p[1:]) & set(g)  # <cls> first; a gene is in one stream only
+        assert set(p[1:]) | set(g) <= set(np.flatnonzero(raw[i] > 0))  # gene id j is column j here
+        np.testing.assert_array_equal(b["pcpt_values"][i][1:len(p)], bins[i][p[1:]])
+        np.testing.assert_array_equal(b["gen_target_values"][i][:len(g)], bins[i][g])
+    assert (b["gen_target_values"][b["gen_key_padding_mask"]] == -2).all()
+    assert (b["pcpt_values"][:, 0] == -2).all()
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_generative_lengths_follow_ratio(binning_ref, ratio):
+    cells = cells_from_counts(binning_ref["raw_counts"][:2], binning_ref["gene_ids"], [0, 1])  # 1 and 2 genes
+    b = collate_generative(cells, TOK, max_seq_len=64, gen_ratio=ratio, rng=np.random.default_rng(1))
+    L = 3  # longest cell (2 genes) + <cls>
+    assert b["gen_gene_ids"].shape[1] == int((L - 1) * ratio)
+    assert b["pcpt_gene_ids"].shape[1] == L - int((L - 1) * ratio)
+
+
+def test_select_genes_highest_is_deterministic_and_keeps_order():
+    vals = np.float32([3, 9, 1, 9, 5])
+    np.testing.assert_array_equal(select_genes(vals, 3, "highest"), [1, 3, 4])
+    np.testing.assert_array_equal(select_genes(vals, 2, "first"), [0, 1])
+    r = select_genes(vals, 3, "random", np.random.default_rng(0))
+    assert len(set(r)) == 3 and list(r) == sorted(r)
+    np.testing.assert_array_equal(select_genes(vals, 9, "highest"), np.arange(5))
+
+
+def test_epoch_order_is_pure_function_of_seed_and_epoch():
+    a, b = epoch_order(1000, 3, 7), epoch_order(1000, 3, 7)
+    np.testing.assert_array_equal(a, b)
+    assert sorted(a) == list(range(1000))
+    assert not np.array_equal(a, epoch_order(1000, 3, 8)) and not np.array_equal(a, epoch_order(1000, 4, 7))
+
+
+@pytest.mark.parametrize("n,world", [(1000, 1), (1003, 2), (1001, 4), (7, 3)])
+def test_rank_shares_disjoint_and_complete(n, world):
+    order = epoch_order(n, 0, 0)
+    shares = [rank_cells(order, r, world) for r in range(world)]
+    allc = np.concatenate(shares)
+    assert len(allc) == n and len(np.unique(allc)) == n
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_steps_per_epoch_equal_on_all_ranks():
+    assert steps_per_epoch(1003, 10, 2) == 50
+    assert steps_per_epoch(1003, 10, 2, drop_last=False) == 51
+    batches = [batch_cells(1003, 0, 0, s, 10, r, 2) for r in range(2) for s in range(50)]
+    assert len(np.unique(np.concatenate(batches))) == 1000
+
+
+@pytest.fixture(scope="module")
+def demo_dataset(tmp_path_factory):
+    from ricefm.shards import ShardedCells
+    from ricefm.shards.build import BuildOptions, build_dataset
+    from conftest import REPO
+
+    out = tmp_path_factory.mktemp("demo") / "data"
+    build_dataset([REPO / "ricefm/resources/rice_root_SRP309176_2k.h5ad"], out,
+                  options=BuildOptions(cells_per_shard=700), progress=False)
+    return ShardedCells(out)
+
+
+def _stream(ds, **kw):
+    tok = TokenSpec(pad_id=ds.vocab.pad_id, cls_id=ds.vocab.cls_id)
+    return BatchStream(ds, tok, batch_size=32, max_seq_len=200, gen_ratios=(0.25, 0.5, 0.75), seed=5, **kw)
+
+
+def test_stream_resumes_exactly_at_any_step(demo_dataset):
+    full = list(_stream(demo_dataset, n_epochs=2))
+    spe = _stream(demo_dataset).steps_per_epoch
+    assert spe == 2000 // 32 and len(full) == 2 * spe
+    resumed = list(_stream(demo_dataset, n_epochs=2, start_epoch=1, start_step=17))
+    assert len(resumed) == spe - 17
+    for a, b in zip(full[spe + 17:], resumed):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    ratios = {float(b["gen_prob"]) for b in full}
+    assert ratios == {0.25, 0.5, 0.75}
+    epoch0 = np.concatenate([b["cell_index"] for b in full[:spe]])
+    assert len(np.unique(epoch0)) == len(epoch0) == spe * 32
+
+
+def test_stream_ranks_read_disjoint_cells(demo_dataset):
+    seen = [np.concatenate([b["cell_index"] for b in _stream(demo_dataset, n_epochs=1, rank=r, world_size=2)])
+            for r in range(2)]
+    assert not set(seen[0]) & set(seen[1])
+    assert len(seen[0]) == len(seen[1]) == (1000 // 32) * 32
+
+
+def test_stream_batches_hold_stored_bins(demo_dataset):
+    b = next(iter(_stream(demo_dataset, n_epochs=1, prefetch=0)))
+    cells = demo_dataset.read(b["cell_index"])
+    for i in range(len(b["cell_index"])):
+        lookup = dict(zip(cells.cell(i, "gene_ids").tolist(), cells.cell(i, "bins").tolist()))
+        m = ~b["pcpt_key_padding_mask"][i]
+        m[0] = False
+        assert [lookup[g] for g in b["pcpt_gene_ids"][i][m]] == b["pcpt_values"][i][m].tolist()
+        g = ~b["gen_key_padding_mask"][i]
+        assert [lookup[x] for x in b["gen_gene_ids"][i][g]] == b["gen_target_values"][i][g].tolist()
+    assert b["pcpt_gene_ids"].shape[1] + b["gen_gene_ids"].shape[1] == 200
