@@ -32,7 +32,6 @@ from ricefm.vocab import GeneVocab
 
 DEFAULT_CELLS_PER_SHARD = 100_000
 DEFAULT_MIN_GENE_FRACTION = 0.10
-BLOCK_CELLS = 2048
 
 _MODALITY_WORDS = {"scrna": 0, "scrna-seq": 0, "scrnaseq": 0, "sc": 0, "0": 0,
                    "spatial": 1, "st": 1, "1": 1}
@@ -51,6 +50,7 @@ class BuildOptions:
     gene_map: str | None = None
     min_gene_fraction: float = DEFAULT_MIN_GENE_FRACTION
     build_vocab: bool = False
+    block_cells: int = 2048  # rows read per step; speed only, not part of the dataset's identity
 
     def as_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "gene_column": self.gene_column, "modality": self.modality,
@@ -218,7 +218,7 @@ def _global_rows(inputs: list[_Input]) -> np.ndarray:
 
 
 def _write_shard(k: int, rows: tuple[int, int], inputs: list[_Input], categories, staging: Path,
-                 progress: tqdm, kill_counter: list[int]) -> dict[str, Any]:
+                 block_cells: int, progress: tqdm, kill_counter: list[int]) -> dict[str, Any]:
     final = staging / f"shard-{k:05d}"
     tmp = staging / f"shard-{k:05d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -231,7 +231,7 @@ def _write_shard(k: int, rows: tuple[int, int], inputs: list[_Input], categories
         f = int(np.searchsorted(starts, lo, side="right") - 1)
         inp = inputs[f]
         r0 = lo - int(starts[f])
-        r1 = min(r0 + BLOCK_CELLS, inp.source.n_obs, hi - int(starts[f]))
+        r1 = min(r0 + block_cells, inp.source.n_obs, hi - int(starts[f]))
         block = inp.source.read_rows(r0, r1)
         mapped = _to_vocab_space(block, inp)
         lengths = np.diff(mapped.indptr)
@@ -331,7 +331,8 @@ def build_dataset(inputs: Sequence[str | Path], output: str | Path, vocab_path: 
                 if shard["complete"]:
                     continue
                 try:
-                    manifest.shards[k] = _write_shard(k, tuple(shard["rows"]), plan, categories, staging, bar, kill_counter)
+                    manifest.shards[k] = _write_shard(k, tuple(shard["rows"]), plan, categories, staging,
+                                                     opts.block_cells, bar, kill_counter)
                 except RiceFMInputError:
                     shutil.rmtree(staging, ignore_errors=True)
                     raise

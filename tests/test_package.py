@@ -1,0 +1,26 @@
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_core_imports_neither_jax_nor_torch():
+    code = ("import sys, ricefm.batching, ricefm.shards.build, ricefm.cli, ricefm.binning, ricefm.vocab; "
+            "bad = [m for m in ('jax', 'torch', 'flax') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_backend_packages_import():
+    import converters  # noqa: F401
+    import ricefm_jax  # noqa: F401
+    import ricefm_npu  # noqa: F401
+
+
+def test_demo_runs_on_shipped_data(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ricefm.demo", f"--config={REPO / 'configs/tiny.py'}",
+                        f"--workdir={tmp_path}", "--config.data.batch_size=50"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "2,000 cells, 1,165,687 non-zero values" in r.stdout
+    assert "one epoch: 40 batches of 50 (max_seq_len 64)" in r.stdout
+    assert "pcpt_gene_ids            (50, " in r.stdout
