@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ricefm.shards.reader import CellBatch, ShardedCells
+from ricefm.shards.reader import CellBatch, PendingRead, ShardedCells
 
 SELECTIONS = ("highest", "first", "random")
 
@@ -86,13 +86,10 @@ def collate_generative(cells: CellBatch, tokens: TokenSpec, max_seq_len: int, ge
         n = len(genes)
         perm = rng.permutation(n)
         n_gen = int(n * gen_ratio)
-        gen_sel, pcpt_sel = perm[:n_gen], perm[n_gen:]
-        if len(gen_sel) > gen_len:
-            gen_sel = rng.choice(gen_sel, gen_len, replace=False)
-        if len(pcpt_sel) > pcpt_len - 1:
-            pcpt_sel = rng.choice(pcpt_sel, pcpt_len - 1, replace=False)
-        gen_sel = np.sort(gen_sel)
-        pcpt_sel = np.sort(pcpt_sel)
+        # a prefix of a random permutation is a uniform random subset: the split and the
+        # sub-sampling of a too-long part come from the same draw
+        gen_sel = np.sort(perm[:min(n_gen, gen_len)])
+        pcpt_sel = np.sort(perm[n_gen:n_gen + min(n - n_gen, pcpt_len - 1)])
         gen_ids[i, :len(gen_sel)] = genes[gen_sel]
         gen_vals[i, :len(gen_sel)] = bins[gen_sel]
         pcpt_ids[i, 1:1 + len(pcpt_sel)] = genes[pcpt_sel]
@@ -172,8 +169,13 @@ class BatchStream:
 
     def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
         """The batch at (epoch, step) for this rank; a pure function of its arguments."""
+        return self._collate(epoch, step, self._read(epoch, step).result())
+
+    def _read(self, epoch: int, step: int) -> PendingRead:
         pos = batch_cells(len(self.cells), self.seed, epoch, step, self.batch_size, self.rank, self.world_size)
-        cells = self.dataset.read(self.cells[pos])
+        return self.dataset.read_async(self.cells[pos])
+
+    def _collate(self, epoch: int, step: int, cells: CellBatch) -> dict[str, np.ndarray]:
         ratio = self.gen_ratios[_rng(self.seed, epoch, step).integers(len(self.gen_ratios))]
         batch = collate_generative(cells, self.tokens, self.max_seq_len, ratio,
                                    _rng(self.seed, epoch, step, self.rank, 1))
@@ -198,11 +200,18 @@ class BatchStream:
         done = object()
 
         def work() -> None:
+            # the reads of batch k+1 are in flight while batch k is collated
             try:
+                pending = None
                 for epoch, step in self._positions():
                     if stop.is_set():
                         return
-                    q.put(self.batch(epoch, step))
+                    read = self._read(epoch, step)
+                    if pending is not None:
+                        q.put(self._collate(*pending[:2], pending[2].result()))
+                    pending = (epoch, step, read)
+                if pending is not None:
+                    q.put(self._collate(*pending[:2], pending[2].result()))
                 q.put(done)
             except BaseException as e:  # handed to the consumer, raised there
                 q.put(e)
