@@ -99,6 +99,7 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/ricefm-bench")
     p.add_argument("--output", default=str(REPO / "benchmarks/results/data.json"))
     p.add_argument("--loader-batches", type=int, default=300)
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="loader processes for the multi-process run")
     p.add_argument("--accelerator-tflops", type=float, default=100.0,
                    help="sustained training FLOP/s of one accelerator, in TFLOP/s (Ascend 910B / A100 class at ~35%% MFU)")
     args = p.parse_args()
@@ -123,18 +124,19 @@ def main() -> None:
     ds = ShardedCells(out)
     tokens = TokenSpec(pad_id=ds.vocab.pad_id, cls_id=ds.vocab.cls_id)
     loader = {}
-    for prefetch in (4, 0):
+    for name, prefetch, workers in (("thread_prefetch_4", 4, 0), ("no_prefetch", 0, 0),
+                                    (f"processes_{args.workers}", 4, args.workers)):
         stream = BatchStream(ds, tokens, batch_size=64, max_seq_len=1200, gen_ratios=(0.25, 0.5, 0.75), seed=0,
-                             prefetch=prefetch)
+                             prefetch=prefetch, num_workers=workers)
         it = iter(stream)
         next(it)  # open arrays, warm caches
         t0 = time.perf_counter()
         tokens_seen = 0
-        for _ in tqdm(range(args.loader_batches), desc=f"loader prefetch={prefetch}", unit="batch"):
+        for _ in tqdm(range(args.loader_batches), desc=f"loader {name}", unit="batch"):
             b = next(it)
             tokens_seen += int((~b["pcpt_key_padding_mask"]).sum() + (~b["gen_key_padding_mask"]).sum())
         dt = time.perf_counter() - t0
-        loader[f"prefetch_{prefetch}"] = {"cells_per_s": 64 * args.loader_batches / dt,
+        loader[name] = {"cells_per_s": 64 * args.loader_batches / dt,
                                           "tokens_per_s": tokens_seen / dt, "batches": args.loader_batches}
     train_flops = flops_per_cell(256, 256, 6, 1200)
     consume = args.accelerator_tflops * 1e12 / train_flops
@@ -151,7 +153,7 @@ def main() -> None:
         "training_consumption_estimate": {
             "train_flops_per_cell": train_flops, "accelerator_tflops_sustained": args.accelerator_tflops,
             "cells_per_s": consume,
-            "loader_over_consumption": loader["prefetch_4"]["cells_per_s"] / consume, "target_ratio": 10},
+            "loader_over_consumption": {k: v["cells_per_s"] / consume for k, v in loader.items()}, "target_ratio": 10},
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.output, result)

@@ -59,10 +59,6 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
 
 
-def _cell_tokens(cells: CellBatch, i: int) -> tuple[np.ndarray, np.ndarray]:
-    return cells.cell(i, "gene_ids"), cells.cell(i, "bins")
-
-
 def collate_generative(cells: CellBatch, tokens: TokenSpec, max_seq_len: int, gen_ratio: float,
                        rng: np.random.Generator) -> dict[str, np.ndarray]:
     """The published "both" layout: a perceptual stream (<cls> + genes with their bins) and a
@@ -81,9 +77,10 @@ def collate_generative(cells: CellBatch, tokens: TokenSpec, max_seq_len: int, ge
     gen_ids = np.full((n_cells, gen_len), tokens.pad_id, np.int64)
     gen_vals = np.full((n_cells, gen_len), tokens.pad_value, np.float32)
     pcpt_ids[:, 0] = tokens.cls_id
-    for i in range(n_cells):
-        genes, bins = _cell_tokens(cells, i)
-        n = len(genes)
+    all_genes, all_bins = cells.arrays["gene_ids"], cells.arrays["bins"]
+    ends = np.cumsum(cells.lengths).tolist()
+    for i, (n, end) in enumerate(zip(cells.lengths.tolist(), ends)):
+        genes, bins = all_genes[end - n:end], all_bins[end - n:end]
         perm = rng.permutation(n)
         n_gen = int(n * gen_ratio)
         # a prefix of a random permutation is a uniform random subset: the split and the
@@ -147,23 +144,26 @@ def collate_pcpt(cells: CellBatch, tokens: TokenSpec, max_seq_len: int, selectio
 class BatchStream:
     """Generative training batches for one data-parallel rank, starting at any (epoch, step).
 
-    Reads run on a background thread (TensorStore releases the GIL) so that loading overlaps
-    with the consumer; ``prefetch`` batches are kept ready.
+    With ``num_workers == 0`` a background thread reads (TensorStore releases the GIL) and
+    collates, keeping ``prefetch`` batches ready. With ``num_workers > 0`` that many spawned
+    processes each build whole batches; since a batch is a pure function of (epoch, step), they
+    need no coordination and the stream is identical to the single-process one.
     """
 
     def __init__(self, dataset: ShardedCells, tokens: TokenSpec, batch_size: int, max_seq_len: int,
                  gen_ratios: Sequence[float], seed: int, rank: int = 0, world_size: int = 1,
                  start_epoch: int = 0, start_step: int = 0, n_epochs: int | None = None, prefetch: int = 4,
-                 cells: np.ndarray | None = None):
+                 cells: np.ndarray | None = None, num_workers: int = 0):
         self.dataset, self.tokens = dataset, tokens
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.gen_ratios = tuple(float(r) for r in gen_ratios)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.start_epoch, self.start_step, self.n_epochs = start_epoch, start_step, n_epochs
-        self.prefetch = prefetch
+        self.prefetch, self.num_workers = prefetch, num_workers
         # a subset of the dataset (e.g. the training split); positions index into it
         self.cells = np.arange(len(dataset)) if cells is None else np.asarray(cells, np.int64)
         self.steps_per_epoch = steps_per_epoch(len(self.cells), batch_size, world_size)
+        self._order_epoch, self._order = -1, np.zeros(0, np.int64)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.cells)} cells over {world_size} rank(s) make no batch of {batch_size}")
 
@@ -171,8 +171,15 @@ class BatchStream:
         """The batch at (epoch, step) for this rank; a pure function of its arguments."""
         return self._collate(epoch, step, self._read(epoch, step).result())
 
+    def _rank_order(self, epoch: int) -> np.ndarray:
+        # one permutation per epoch, not per batch (a 1M-cell permutation costs ~10 ms)
+        if self._order_epoch != epoch:
+            self._order = rank_cells(epoch_order(len(self.cells), self.seed, epoch), self.rank, self.world_size)
+            self._order_epoch = epoch
+        return self._order
+
     def _read(self, epoch: int, step: int) -> PendingRead:
-        pos = batch_cells(len(self.cells), self.seed, epoch, step, self.batch_size, self.rank, self.world_size)
+        pos = self._rank_order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
         return self.dataset.read_async(self.cells[pos])
 
     def _collate(self, epoch: int, step: int, cells: CellBatch) -> dict[str, np.ndarray]:
@@ -191,6 +198,9 @@ class BatchStream:
             epoch, step = epoch + 1, 0
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if self.num_workers > 0:
+            yield from self._iter_processes()
+            return
         if self.prefetch <= 0:
             for epoch, step in self._positions():
                 yield self.batch(epoch, step)
@@ -233,3 +243,36 @@ class BatchStream:
                     q.get_nowait()
                 except queue.Empty:
                     t.join(0.01)
+
+    def _iter_processes(self) -> Iterator[dict[str, np.ndarray]]:
+        import collections
+        import multiprocessing as mp
+
+        # spawn, not fork: TensorStore's thread pools do not survive a fork
+        ctx = mp.get_context("spawn")
+        spec = (str(self.dataset.directory), self.tokens, self.batch_size, self.max_seq_len, self.gen_ratios,
+                self.seed, self.rank, self.world_size, self.cells)
+        with ctx.Pool(self.num_workers, initializer=_worker_init, initargs=spec) as pool:
+            pending: collections.deque = collections.deque()
+            positions = self._positions()
+            depth = max(1, self.prefetch) * self.num_workers
+            for pos in positions:
+                pending.append(pool.apply_async(_worker_batch, pos))
+                if len(pending) >= depth:
+                    yield pending.popleft().get()
+            while pending:
+                yield pending.popleft().get()
+
+
+_WORKER_STREAM: BatchStream | None = None
+
+
+def _worker_init(directory, tokens, batch_size, max_seq_len, gen_ratios, seed, rank, world_size, cells) -> None:
+    global _WORKER_STREAM
+    _WORKER_STREAM = BatchStream(ShardedCells(directory), tokens, batch_size, max_seq_len, gen_ratios, seed,
+                                 rank=rank, world_size=world_size, prefetch=0, cells=cells)
+
+
+def _worker_batch(epoch: int, step: int) -> dict[str, np.ndarray]:
+    assert _WORKER_STREAM is not None
+    return _WORKER_STREAM.batch(epoch, step)

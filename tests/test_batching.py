@@ -147,3 +147,12 @@ def test_stream_batches_hold_stored_bins(demo_dataset):
         g = ~b["gen_key_padding_mask"][i]
         assert [lookup[x] for x in b["gen_gene_ids"][i][g]] == b["gen_target_values"][i][g].tolist()
     assert b["pcpt_gene_ids"].shape[1] + b["gen_gene_ids"].shape[1] == 200
+
+
+def test_worker_processes_give_the_identical_stream(demo_dataset):
+    a = list(_stream(demo_dataset, n_epochs=1, start_step=50))
+    b = list(_stream(demo_dataset, n_epochs=1, start_step=50, num_workers=2))
+    assert len(a) == len(b) == 12
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])

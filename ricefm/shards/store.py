@@ -1,6 +1,6 @@
 """TensorStore zarr-v3 specs for shard arrays, and the zarr group that holds one shard.
 
-Per-non-zero arrays (``gene_ids``, ``values``, ``bins``) use zarr's sharding codec: 8,192-element
+Per-non-zero arrays (``gene_ids``, ``values``, ``bins``) use zarr's sharding codec: 4,096-element
 inner chunks (a random cell decodes little beyond itself) packed into 1 Mi-element shard files
 (few files, whole-file writes). Per-cell arrays are small and use plain chunks.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-INNER_CHUNK = 8192
+INNER_CHUNK = 4096
 OUTER_CHUNK = 1 << 20
 CELL_CHUNK = 65536
 
