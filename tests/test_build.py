@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 from ricefm.binning import bin_cell
 from ricefm.cli import main as cli
-from ricefm.shards import ShardedCells
+from ricefm.shards import ShardedCells, sources
 from ricefm.shards.build import BuildOptions, build_dataset
 from ricefm.vocab import GeneVocab
 
@@ -32,7 +32,10 @@ def assert_cells_equal(ds, cells, counts, col_ids, rows):
 
 
 @pytest.mark.parametrize("layout", ["csr", "csc", "dense", "layer", "int_counts"])
-def test_round_trip_is_exact_for_every_layout(tmp_path, vocab_path, layout):
+def test_round_trip_is_exact_for_every_layout(tmp_path, vocab_path, layout, monkeypatch):
+    # small passes/blocks so the CSC transpose and dense sub-blocks take many steps
+    monkeypatch.setattr(sources, "CSC_PASS_NONZEROS", 997)
+    monkeypatch.setattr(sources, "DENSE_BLOCK_VALUES", 4000)
     counts = random_counts(230, 400, density=0.15, seed=1)
     counts = sp.diags(np.float32([0 if i == 7 else 1 for i in range(230)])) @ counts  # cell 7: no counts
     counts.eliminate_zeros()

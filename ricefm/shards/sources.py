@@ -1,11 +1,13 @@
 """Read one ``.h5ad`` file in row blocks without loading its matrix, with clear input checks.
 
 h5py + anndata's element readers are used instead of ``read_h5ad(backed="r")`` because backed
-mode loads every layer into memory; here only ``obs``/``var`` are read whole.
+mode loads every layer into memory; here only ``obs``/``var`` are read whole. CSR is sliced
+directly, dense in bounded sub-blocks, and CSC through a memory-mapped CSR copy.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +64,8 @@ class H5adSource:
                 encoding = node.attrs.get("encoding-type", "")
                 if encoding not in ("csr_matrix", "csc_matrix"):
                     raise RiceFMInputError(f"{path}: {field} has unsupported encoding {encoding!r}; expected CSR, CSC or dense")
-                matrix = ad.io.sparse_dataset(node)
-                shape = tuple(matrix.shape)
+                shape = tuple(int(x) for x in node.attrs["shape"])
+                matrix = ad.io.sparse_dataset(node) if encoding == "csr_matrix" else _CscByRows(node, shape)
             else:
                 encoding, matrix, shape = "dense", node, tuple(node.shape)
             if shape != (len(obs), len(var)):
@@ -81,8 +83,12 @@ class H5adSource:
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``[start, stop)`` as float32 CSR, after checking the values are counts-like."""
-        block = self._matrix[start:stop]
-        block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
+        if self.encoding == "dense":  # at most ~16M dense values in memory at a time
+            step = max(1, DENSE_BLOCK_VALUES // max(1, self.n_vars))
+            block = sp.vstack([sp.csr_matrix(self._matrix[r:min(r + step, stop)]) for r in range(start, stop, step)],
+                              format="csr")
+        else:
+            block = self._matrix[start:stop].tocsr()
         block.sum_duplicates()
         data = block.data
         if data.dtype != np.float32:
@@ -107,4 +113,67 @@ class H5adSource:
         return self.obs[column]
 
     def close(self) -> None:
+        if isinstance(self._matrix, _CscByRows):
+            self._matrix.close()
         self._file.close()
+
+
+DENSE_BLOCK_VALUES = 1 << 24
+CSC_PASS_NONZEROS = 1 << 24
+
+
+class _CscByRows:
+    """Row-block access to an on-disk CSC matrix.
+
+    Slicing rows of a CSC matrix touches every column, and anndata answers it by loading the
+    whole matrix. Instead, two streaming passes over the columns write a CSR copy into
+    memory-mapped scratch files (columns stay in order within each row); rows are then sliced
+    from those. Memory use is bounded by ``CSC_PASS_NONZEROS`` entries plus the row pointers.
+    """
+
+    def __init__(self, group: h5py.Group, shape: tuple[int, int]):
+        self.shape = shape
+        self._group = group
+        self._scratch: tempfile.TemporaryDirectory | None = None
+
+    def _transpose(self) -> None:
+        n_obs, n_vars = self.shape
+        col_ptr = self._group["indptr"][:].astype(np.int64)
+        indices, data = self._group["indices"], self._group["data"]
+        nnz = int(col_ptr[-1])
+        row_counts = np.zeros(n_obs, np.int64)
+        for s in range(0, nnz, CSC_PASS_NONZEROS):
+            row_counts += np.bincount(indices[s:s + CSC_PASS_NONZEROS], minlength=n_obs)
+        self.row_ptr = np.concatenate([[0], np.cumsum(row_counts)])
+        self._scratch = tempfile.TemporaryDirectory(prefix="ricefm-csc-")
+        self.cols = np.memmap(Path(self._scratch.name) / "cols", np.int32, "w+", shape=(max(nnz, 1),))
+        self.vals = np.memmap(Path(self._scratch.name) / "vals", data.dtype, "w+", shape=(max(nnz, 1),))
+        fill = self.row_ptr[:-1].copy()
+        c = 0
+        while c < n_vars:
+            c_end = int(np.searchsorted(col_ptr, col_ptr[c] + CSC_PASS_NONZEROS, side="right") - 1)
+            c_end = min(max(c_end, c + 1), n_vars)
+            s, e = int(col_ptr[c]), int(col_ptr[c_end])
+            rows = indices[s:e]
+            order = np.argsort(rows, kind="stable")  # stable: columns stay ascending within a row
+            rows = rows[order]
+            uniq, first, counts = np.unique(rows, return_index=True, return_counts=True)
+            pos = fill[rows] + np.arange(len(rows)) - np.repeat(first, counts)
+            self.cols[pos] = np.repeat(np.arange(c, c_end, dtype=np.int32), np.diff(col_ptr[c:c_end + 1]))[order]
+            self.vals[pos] = data[s:e][order]
+            fill[uniq] += counts
+            c = c_end
+
+    def __getitem__(self, rows: slice) -> sp.csr_matrix:
+        if self._scratch is None:
+            self._transpose()
+        ptr = self.row_ptr[rows.start:rows.stop + 1]
+        lo, hi = int(ptr[0]), int(ptr[-1])
+        return sp.csr_matrix((np.array(self.vals[lo:hi]), np.array(self.cols[lo:hi]), ptr - lo),
+                             shape=(len(ptr) - 1, self.shape[1]))
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            del self.cols, self.vals
+            self._scratch.cleanup()
+            self._scratch = None
