@@ -1,7 +1,8 @@
 """Random access to the cells of a built dataset, NumPy only.
 
-A read of any set of cells costs, per shard the cells fall in, one TensorStore read of
-``offsets`` and one batched read per requested array; nothing reads a whole shard.
+A read of any set of cells costs one batched TensorStore read per requested array and shard
+touched. Only a shard's per-cell index (offsets and modality, 9 bytes a cell) is kept in
+memory; the per-non-zero arrays are never read whole.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class ShardedCells:
         counts = [s["n_cells"] for s in self.manifest.shards]
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._open: dict[tuple[int, str], object] = {}
+        self._index: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return int(self.shard_starts[-1])
@@ -75,6 +77,13 @@ class ShardedCells:
         if key not in self._open:
             self._open[key] = store.open_array(self.directory / self.manifest.shards[shard]["name"] / name)
         return self._open[key]
+
+    def _cell_index(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """A shard's per-cell offsets and modality (9 bytes a cell), read once and kept."""
+        if shard not in self._index:
+            self._index[shard] = (self._array(shard, "offsets").read().result(),
+                                  self._array(shard, "modality").read().result())
+        return self._index[shard]
 
     def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
@@ -89,8 +98,8 @@ class ShardedCells:
                    ) -> "PendingRead":
         """Issue the reads for some cells and return at once; ``.result()`` assembles the batch.
 
-        Per shard, one read of ``offsets`` and one ``ts.Batch`` of per-cell slices for each array
-        (TensorStore coalesces them into few I/O requests, which beats an index-array read).
+        One ``ts.Batch`` of per-cell slices per array (TensorStore coalesces them into few I/O
+        requests, which beats an index-array read).
         """
         indices = np.asarray(indices, dtype=np.int64)
         shard, local = self._locate(indices)
@@ -100,10 +109,10 @@ class ShardedCells:
         for k in np.unique(shard):
             sel = np.flatnonzero(shard == k)
             loc = local[sel]
-            bounds = self._array(k, "offsets")[np.concatenate([loc, loc + 1])].read().result()
-            starts[sel] = bounds[: len(loc)]
-            lengths[sel] = bounds[len(loc):] - starts[sel]
-            modality[sel] = self._array(k, "modality")[loc].read().result()
+            offsets, shard_modality = self._cell_index(k)
+            starts[sel] = offsets[loc]
+            lengths[sel] = offsets[loc + 1] - starts[sel]
+            modality[sel] = shard_modality[loc]
         futures = {a: [] for a in arrays}
         with ts.Batch() as batch:
             for a in arrays:
