@@ -50,7 +50,7 @@ class BuildOptions:
     gene_map: str | None = None
     min_gene_fraction: float = DEFAULT_MIN_GENE_FRACTION
     build_vocab: bool = False
-    block_cells: int = 2048  # rows read per step; speed only, not part of the dataset's identity
+    block_cells: int = 1024  # rows read per step (bounds memory); not part of the dataset's identity
 
     def as_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "gene_column": self.gene_column, "modality": self.modality,
