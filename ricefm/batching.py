@@ -8,6 +8,8 @@ therefore resume at any step and see exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import atexit
+import collections
 import queue
 import threading
 from dataclasses import dataclass
@@ -209,24 +211,43 @@ class BatchStream:
         stop = threading.Event()
         done = object()
 
-        def work() -> None:
-            # the reads of batch k+1 are in flight while batch k is collated
-            try:
-                pending = None
-                for epoch, step in self._positions():
-                    if stop.is_set():
-                        return
-                    read = self._read(epoch, step)
-                    if pending is not None:
-                        q.put(self._collate(*pending[:2], pending[2].result()))
-                    pending = (epoch, step, read)
-                if pending is not None:
-                    q.put(self._collate(*pending[:2], pending[2].result()))
-                q.put(done)
-            except BaseException as e:  # handed to the consumer, raised there
-                q.put(e)
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
-        t = threading.Thread(target=work, daemon=True)
+        def work() -> None:
+            # the reads of the next `prefetch` batches are in flight while one is collated
+            pending: collections.deque = collections.deque()
+            try:
+                for epoch, step in self._positions():
+                    pending.append((epoch, step, self._read(epoch, step)))
+                    if len(pending) > self.prefetch:
+                        e, s, read = pending.popleft()
+                        if not put(self._collate(e, s, read.result())):
+                            return
+                while pending:
+                    e, s, read = pending.popleft()
+                    if not put(self._collate(e, s, read.result())):
+                        return
+                put(done)
+            except BaseException as e:  # handed to the consumer, raised there
+                put(e)
+            finally:
+                for _, _, read in pending:  # never leave TensorStore reads in flight behind us
+                    read.result()
+
+        t = threading.Thread(target=work, daemon=True, name="ricefm-batch-stream")
+
+        def shutdown() -> None:
+            stop.set()
+            t.join()
+
+        atexit.register(shutdown)  # an abandoned stream still stops cleanly at interpreter exit
         t.start()
         try:
             while True:
@@ -237,15 +258,10 @@ class BatchStream:
                     raise item
                 yield item
         finally:
-            stop.set()
-            while t.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    t.join(0.01)
+            shutdown()
+            atexit.unregister(shutdown)
 
     def _iter_processes(self) -> Iterator[dict[str, np.ndarray]]:
-        import collections
         import multiprocessing as mp
 
         # spawn, not fork: TensorStore's thread pools do not survive a fork

@@ -156,3 +156,13 @@ def test_worker_processes_give_the_identical_stream(demo_dataset):
     for x, y in zip(a, b):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_abandoned_stream_exits_cleanly(demo_dataset):
+    import subprocess
+    import sys
+    code = ("import sys; from ricefm.shards import ShardedCells; from ricefm.batching import BatchStream, TokenSpec; "
+            "ds = ShardedCells(sys.argv[1]); it = iter(BatchStream(ds, TokenSpec(ds.vocab.pad_id, ds.vocab.cls_id), "
+            "16, 300, (0.5,), seed=0, prefetch=8)); next(it); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code, str(demo_dataset.directory)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
