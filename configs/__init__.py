@@ -1,0 +1,1 @@
+"""ml-collections configs; installed as the ``ricefm_configs`` package."""

@@ -1,0 +1,36 @@
+"""The riceFM pretraining objective (DESIGN.md section 4), every component reported.
+
+total = MSE(gen predictions) + MSE(MVC predictions on the gen part)
+        + MSE(gen predictions of a second pass whose <cls> input is the detached cell embedding)
+over non-padded gen positions. The second pass runs from step ``cell_emb_pass_after`` on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of squared errors over ``mask`` / mask count (inputs masked first, as published)."""
+    m = mask.to(pred.dtype)
+    return ((pred * m - target * m) ** 2).sum() / m.sum()
+
+
+def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor], cell_emb_pass: bool = True
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one generative batch and its components (detached), e.g. for logging."""
+    inputs = dict(pcpt_gene_ids=batch["pcpt_gene_ids"], pcpt_values=batch["pcpt_values"],
+                  pcpt_key_padding_mask=batch["pcpt_key_padding_mask"], mod_types=batch["mod_types"],
+                  gen_gene_ids=batch["gen_gene_ids"], gen_key_padding_mask=batch["gen_key_padding_mask"])
+    target = batch["gen_target_values"]
+    mask = ~batch["gen_key_padding_mask"]
+    out = model(**inputs, do_mvc=True)
+    pcpt_len = batch["pcpt_gene_ids"].shape[1]
+    parts = {"mse": masked_mse(out["gen_preds"].float(), target, mask),
+             "mvc": masked_mse(out["mvc_output"][:, pcpt_len:].float(), target, mask)}
+    if cell_emb_pass:
+        out2 = model(**inputs, do_mvc=False, input_cell_emb=out["cell_emb"].detach())
+        parts["gen"] = masked_mse(out2["gen_preds"].float(), target, mask)
+    total = sum(parts.values())
+    return total, {"total": total.detach(), **{k: v.detach() for k, v in parts.items()}}
