@@ -1,8 +1,9 @@
 """Attention kernels are drop-ins for the math version; NPU paths run against a mocked torch_npu."""
 
-import math
+import os
+import subprocess
 import sys
-import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from ricefm_npu.attention import math_attention, sdpa_attention
 from ricefm_npu.checkpoints import load_published
 
 from conftest import FIXTURES
+from fake_torch_npu import FakeNPU
 
 
 def random_qkv(B=3, H=4, Lq=7, Lk=9, hd=16, seed=0):
@@ -29,29 +31,10 @@ def test_sdpa_equals_math():
     torch.testing.assert_close(sdpa_attention(q, k, v, masked), math_attention(q, k, v, masked), atol=1e-6, rtol=1e-5)
 
 
-class FakeNPU:
-    """Stands in for torch_npu: checks the fusion-attention arguments and computes the reference."""
-
-    def __init__(self, available=True):
-        self.calls, self.devices_set = [], []
-        self.npu = types.SimpleNamespace(is_available=lambda: available, set_device=self.devices_set.append)
-
-    def npu_fusion_attention(self, q, k, v, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None,
-                             scale=1.0, keep_prob=1.0, **kw):
-        assert input_layout == "BNSD" and q.dim() == 4 and q.shape[1] == head_num
-        assert atten_mask.dtype == torch.bool and atten_mask.shape[-2:] == (q.shape[2], k.shape[2])
-        assert atten_mask.shape[1] in (1, head_num)
-        assert math.isclose(scale, 1 / math.sqrt(q.shape[-1]))
-        self.calls.append({"keep_prob": keep_prob, "mask": atten_mask, "heads": head_num})
-        return (math_attention(q, k, v, atten_mask), None, None, None, 0, 0, 0)
-
-
 @pytest.fixture
 def fake_npu(monkeypatch):
     fake = FakeNPU()
     monkeypatch.setitem(sys.modules, "torch_npu", fake)
-    if torch._C._get_privateuse1_backend_name() != "npu":  # what the real torch_npu does on import
-        torch.utils.rename_privateuse1_backend("npu")
     return fake
 
 
@@ -74,11 +57,17 @@ def test_npu_fusion_attention_reproduces_fixture(fake_npu, reference):
     assert fake_npu.calls[-1]["keep_prob"] == pytest.approx(0.8)
 
 
-def test_auto_device_prefers_npu_and_uses_local_rank(fake_npu, monkeypatch):
-    monkeypatch.setenv("LOCAL_RANK", "3")
-    d = devices.resolve_device("auto")
-    assert (d.type, d.index) == ("npu", 3) and fake_npu.devices_set == [3]
-    assert devices.ddp_backend(d) == "hccl" and devices.default_attention(d) == "npu_fusion"
+def test_auto_device_prefers_npu_and_uses_local_rank():
+    # torch.device("npu") needs the backend rename that importing torch_npu performs; it is
+    # process-global and irreversible, so this runs in a fresh interpreter
+    code = ("import sys, torch; from fake_torch_npu import FakeNPU; fake = FakeNPU(); sys.modules['torch_npu'] = fake; "
+            "torch.utils.rename_privateuse1_backend('npu'); from ricefm_npu import devices; "
+            "d = devices.resolve_device('auto'); print(d.type, d.index, fake.devices_set, devices.ddp_backend(d), "
+            "devices.default_attention(d))")
+    env = {**os.environ, "LOCAL_RANK": "3", "PYTHONPATH": str(Path(__file__).parent)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["npu", "3", "[3]", "hccl", "npu_fusion"]
 
 
 def test_without_cann_auto_falls_back_and_npu_request_explains(monkeypatch):
