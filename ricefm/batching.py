@@ -1,9 +1,10 @@
 """Cells -> NumPy batch dicts in the published riceFM layouts, plus the epoch/rank/step plan.
 
 Every batch is a pure function of (seed, epoch, step, rank): the epoch order comes from
-(seed, epoch), a rank takes every ``world_size``-th cell of it, and a batch's random choices
-(gen ratio, pcpt/gen split, sub-sampling) come from (seed, epoch, step[, rank]). Training can
-therefore resume at any step and see exactly the batches it would have seen.
+(seed, epoch), a rank takes every ``world_size``-th cell of it, the gen ratio comes from
+(seed, epoch, step) and a cell's pcpt/gen split and sub-sampling from (seed, epoch, cell).
+Training can therefore resume at any step and see exactly the batches it would have seen, and
+N ranks see exactly the cells and splits of one process with an N-times larger batch.
 """
 
 from __future__ import annotations
@@ -61,14 +62,39 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
 
 
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB),
+        np.uint64(0xD6E8FEB86659FD93))
+
+
+def _cell_random_keys(seed: int, epoch: int, cells: CellBatch) -> np.ndarray:
+    """A uint64 per stored gene, a hash (splitmix64) of (seed, epoch, cell index, position).
+
+    Sorting a cell's keys gives a uniformly random permutation that depends on the cell, not
+    on which batch or rank it landed in: a data-parallel run splits every cell exactly as a
+    single process with the same global batch does.
+    """
+    n = int(cells.lengths.sum())
+    cell = np.repeat(cells.indices.astype(np.uint64), cells.lengths)
+    pos = (np.arange(n, dtype=np.int64) - np.repeat(cells.starts, cells.lengths)).astype(np.uint64)
+    base = np.array([seed, epoch], dtype=np.uint64) * np.array([_MIX[0], _MIX[3]])  # arrays wrap silently
+    x = base[0] ^ base[1] ^ (cell * _MIX[1]) ^ (pos * _MIX[2])
+    x ^= x >> np.uint64(30)
+    x *= _MIX[1]
+    x ^= x >> np.uint64(27)
+    x *= _MIX[2]
+    x ^= x >> np.uint64(31)
+    return x
+
+
 def collate_generative(cells: CellBatch, tokens: TokenSpec, max_seq_len: int, gen_ratio: float,
-                       rng: np.random.Generator) -> dict[str, np.ndarray]:
+                       seed: int, epoch: int) -> dict[str, np.ndarray]:
     """The published "both" layout: a perceptual stream (<cls> + genes with their bins) and a
     generative stream (gene ids only; their bins are the targets).
 
     L = min(max_seq_len, longest <cls>+genes); gen_len = int((L-1) r), pcpt_len = L - gen_len.
     A cell's genes are split at random, int(n r) to gen and the rest to pcpt; a part longer
     than its length is sub-sampled at random (pcpt keeps <cls>); genes keep their stored order.
+    The randomness of a cell is a function of (seed, epoch, cell index) only.
     """
     n_cells = len(cells.lengths)
     L = int(min(max_seq_len, int(cells.lengths.max(initial=0)) + 1))
@@ -80,10 +106,11 @@ def collate_generative(cells: CellBatch, tokens: TokenSpec, max_seq_len: int, ge
     gen_vals = np.full((n_cells, gen_len), tokens.pad_value, np.float32)
     pcpt_ids[:, 0] = tokens.cls_id
     all_genes, all_bins = cells.arrays["gene_ids"], cells.arrays["bins"]
+    keys = _cell_random_keys(seed, epoch, cells)
     ends = np.cumsum(cells.lengths).tolist()
     for i, (n, end) in enumerate(zip(cells.lengths.tolist(), ends)):
         genes, bins = all_genes[end - n:end], all_bins[end - n:end]
-        perm = rng.permutation(n)
+        perm = np.argsort(keys[end - n:end])
         n_gen = int(n * gen_ratio)
         # a prefix of a random permutation is a uniform random subset: the split and the
         # sub-sampling of a too-long part come from the same draw
@@ -186,8 +213,7 @@ class BatchStream:
 
     def _collate(self, epoch: int, step: int, cells: CellBatch) -> dict[str, np.ndarray]:
         ratio = self.gen_ratios[_rng(self.seed, epoch, step).integers(len(self.gen_ratios))]
-        batch = collate_generative(cells, self.tokens, self.max_seq_len, ratio,
-                                   _rng(self.seed, epoch, step, self.rank, 1))
+        batch = collate_generative(cells, self.tokens, self.max_seq_len, ratio, self.seed, epoch)
         batch["epoch"], batch["step"] = np.int64(epoch), np.int64(step)
         return batch
 

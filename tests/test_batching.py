@@ -38,7 +38,7 @@ def test_unsplit_collator_equals_published(binning_ref, name, max_len):
 def test_generative_split_matches_published_shapes_counts_and_values(binning_ref):
     raw = binning_ref["raw_counts"]
     cells = cells_from_counts(raw, binning_ref["gene_ids"], binning_ref["collate_mod_types"])
-    b = collate_generative(cells, TOK, max_seq_len=64, gen_ratio=0.5, rng=np.random.default_rng(0))
+    b = collate_generative(cells, TOK, max_seq_len=64, gen_ratio=0.5, seed=0, epoch=0)
     ref_p, ref_g = binning_ref["collate_split_pcpt_genes"], binning_ref["collate_split_gen_genes"]
     assert b["pcpt_gene_ids"].shape == ref_p.shape == (20, 33) and b["gen_gene_ids"].shape == ref_g.shape == (20, 31)
     np.testing.assert_array_equal((b["pcpt_gene_ids"] != 120).sum(1), (ref_p != 120).sum(1))
@@ -58,7 +58,7 @@ def test_generative_split_matches_published_shapes_counts_and_values(binning_ref
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
 def test_generative_lengths_follow_ratio(binning_ref, ratio):
     cells = cells_from_counts(binning_ref["raw_counts"][:2], binning_ref["gene_ids"], [0, 1])  # 1 and 2 genes
-    b = collate_generative(cells, TOK, max_seq_len=64, gen_ratio=ratio, rng=np.random.default_rng(1))
+    b = collate_generative(cells, TOK, max_seq_len=64, gen_ratio=ratio, seed=1, epoch=0)
     L = 3  # longest cell (2 genes) + <cls>
     assert b["gen_gene_ids"].shape[1] == int((L - 1) * ratio)
     assert b["pcpt_gene_ids"].shape[1] == L - int((L - 1) * ratio)
@@ -166,3 +166,24 @@ def test_abandoned_stream_exits_cleanly(demo_dataset):
             "16, 300, (0.5,), seed=0, prefetch=8)); next(it); print('ok')")
     r = subprocess.run([sys.executable, "-c", code, str(demo_dataset.directory)], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_split_of_a_cell_does_not_depend_on_its_batch_or_rank(demo_dataset):
+    tok = TokenSpec(pad_id=demo_dataset.vocab.pad_id, cls_id=demo_dataset.vocab.cls_id)
+    both = collate_generative(demo_dataset.read([10, 20, 30, 40]), tok, 10_000, 0.5, seed=3, epoch=1)
+    alone = collate_generative(demo_dataset.read([30]), tok, 10_000, 0.5, seed=3, epoch=1)
+    n = int((~alone["gen_key_padding_mask"][0]).sum())
+    np.testing.assert_array_equal(both["gen_gene_ids"][2][:n], alone["gen_gene_ids"][0][:n])
+    other_epoch = collate_generative(demo_dataset.read([30]), tok, 10_000, 0.5, seed=3, epoch=2)
+    assert not np.array_equal(other_epoch["gen_gene_ids"], alone["gen_gene_ids"])
+
+
+def test_two_ranks_see_the_global_batch_of_one_process(demo_dataset):
+    one = next(iter(_stream(demo_dataset, n_epochs=1, prefetch=0)))
+    tok = TokenSpec(pad_id=demo_dataset.vocab.pad_id, cls_id=demo_dataset.vocab.cls_id)
+    halves = [BatchStream(demo_dataset, tok, batch_size=16, max_seq_len=200, gen_ratios=(0.25, 0.5, 0.75), seed=5,
+                          rank=r, world_size=2, prefetch=0).batch(0, 0) for r in range(2)]
+    got = {int(c): (tuple(g), tuple(p)) for h in halves for c, g, p in
+           zip(h["cell_index"], h["gen_gene_ids"], h["pcpt_gene_ids"])}
+    want = {int(c): (tuple(g), tuple(p)) for c, g, p in zip(one["cell_index"], one["gen_gene_ids"], one["pcpt_gene_ids"])}
+    assert got == want  # same cells, same split, same padding length (all cells are longer than 200)
