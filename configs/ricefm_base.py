@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.do_mvc = True
     c.model.n_modalities = 2  # 0 = scRNA-seq, 1 = spatial
     c.model.n_layers_cls = 3
-    c.model.attention = "math"  # backend-specific fast kernels are drop-ins; see each backend
+    c.model.attention = "auto"  # auto = fastest exact kernel of the device; or math / sdpa / npu_fusion
     c.model.pad_token = "<pad>"
     c.model.pad_value = -2.0
     c.model.mask_value = -1.0
@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.valid_fraction = 0.1  # valid_size_or_ratio
     c.data.seed = 0
     c.data.prefetch = 4
+    c.data.num_workers = 0  # loader processes (0 = a background thread)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adam"
@@ -51,7 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.epochs = 20
     c.train.seed = 0
     c.train.cell_emb_pass_after = 0  # published runs had the second (cell-embedding) pass on from step 0
-    c.train.precision = "fp32"
+    c.train.precision = "auto"  # auto: fp16 + grad scaler on NPU/CUDA, bf16 autocast on CPU; or fp32 / bf16 / fp16
+    c.train.max_steps = 0  # optimizer steps; 0 = epochs x steps per epoch
+    c.train.stop_at_step = 0  # stop (with a checkpoint) at this step, as if interrupted; 0 = run to the end
+    c.train.init_checkpoint = ""  # start from these weights (any checkpoint format)
     c.train.log_every = 100
     c.train.eval_every = 3000
     c.train.checkpoint_every = 3000  # save_interval

@@ -58,6 +58,13 @@ def batch_cells(n_cells: int, seed: int, epoch: int, step: int, batch_size: int,
     return mine[step * batch_size:(step + 1) * batch_size]
 
 
+def split_cells(n_cells: int, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation cell indices (sorted), a pure function of (n_cells, fraction, seed)."""
+    perm = np.random.default_rng(np.random.SeedSequence([seed, 0x5B117])).permutation(n_cells)
+    n_valid = int(round(n_cells * valid_fraction))
+    return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
+
+
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
 

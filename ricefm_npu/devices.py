@@ -66,3 +66,35 @@ def ddp_backend(device: torch.device) -> str:
 def default_attention(device: torch.device) -> str:
     """The fastest exact kernel for a device."""
     return "npu_fusion" if device.type == "npu" else "sdpa"
+
+
+def amp_settings(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether a grad scaler is needed).
+
+    auto: fp16 + grad scaler on NPU/CUDA, bf16 autocast on CPU.
+    """
+    if precision == "auto":
+        precision = "bf16" if device.type == "cpu" else "fp16"
+    table = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, device.type != "cpu")}
+    if precision not in table:
+        raise RiceFMInputError(f"--config.train.precision={precision!r}: choose auto, fp32, bf16 or fp16")
+    if precision == "fp16" and device.type == "cpu":
+        raise RiceFMInputError("--config.train.precision=fp16 needs an NPU or CUDA device; use bf16 or fp32 on CPU")
+    return table[precision]
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["device"] = torch.cuda.get_rng_state(device)
+    elif device.type == "npu":
+        state["device"] = import_torch_npu().npu.get_rng_state(device)
+    return state
+
+
+def set_rng_state(device: torch.device, state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "device" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["device"], device)
+    elif "device" in state and device.type == "npu":
+        import_torch_npu().npu.set_rng_state(state["device"], device)

@@ -161,6 +161,11 @@ class MVCDecoder(nn.Module):
         return torch.bmm(self.W(query), cell_emb.unsqueeze(2)).squeeze(2)
 
 
+def _concrete(attention: str) -> str:
+    """'auto' without a device at hand means SDPA; training/embedding pick per device first."""
+    return "sdpa" if attention == "auto" else attention
+
+
 class RiceFM(nn.Module):
     """riceFM (scGPT-style generator): continuous value input, <cls> cell embedding, MVC head."""
 
@@ -184,7 +189,7 @@ class RiceFM(nn.Module):
         return cls(vocab_size=vocab_size, d_model=model.d_model, n_heads=model.n_heads, n_layers=model.n_layers,
                    d_hid=model.d_hid, dropout=model.dropout, max_value=model.max_value,
                    layer_norm_eps=model.layer_norm_eps, n_modalities=model.n_modalities,
-                   attention=attention or model.attention)
+                   attention=_concrete(attention or model.attention))
 
     def set_attention(self, name: str) -> None:
         get_attention(name)

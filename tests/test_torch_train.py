@@ -1,0 +1,107 @@
+"""ricefm_npu.train on the shipped rice data: loss goes down, exact resume, 2-process DDP = 1 process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ricefm.errors import RiceFMInputError
+from ricefm.shards.build import BuildOptions, build_dataset
+from ricefm_configs import tiny
+from ricefm_npu.checkpoints import load_published
+from ricefm_npu.model import RiceFM
+from ricefm_npu.train import train
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "data"
+    build_dataset([REPO / "ricefm/resources/rice_root_SRP309176_2k.h5ad"], out, progress=False,
+                  options=BuildOptions(keep_obs=("celltype",)))
+    return out
+
+
+def config(data_dir, **overrides):
+    cfg = tiny.get_config()
+    cfg.data.data_dir = str(data_dir)
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        cfg[section][field] = value
+    return cfg
+
+
+def test_tiny_training_loss_goes_down_and_writes_checkpoints(data_dir, tmp_path):
+    cfg = config(data_dir, train__max_steps=80, train__checkpoint_every=40, train__log_every=10)
+    out = train(cfg, tmp_path, device="cpu", progress=False)
+    losses = [h["loss_total"] for h in out["history"]]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(10, 81, 10))
+    assert {"loss_mse", "loss_mvc", "loss_gen", "lr", "grad_norm", "cells_per_s"} <= logged[-1].keys()
+    assert list((tmp_path / "tensorboard").iterdir())
+    model, mcfg, vocab = load_published(tmp_path / "best")
+    assert mcfg.d_model == 64 and len(vocab) == 55_804
+    assert out["best_valid"] < first
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path):
+    cfg = config(data_dir, train__max_steps=8, train__checkpoint_every=100)  # dropout on, bf16 autocast (CPU auto)
+    train(cfg, tmp_path / "straight", device="cpu", progress=False)
+    stopped = config(data_dir, train__max_steps=8, train__checkpoint_every=100, train__stop_at_step=4)
+    first = train(stopped, tmp_path / "resumed", device="cpu", progress=False)
+    assert first["steps"] == 4
+    second = train(cfg, tmp_path / "resumed", device="cpu", resume=True, progress=False)
+    assert second["steps"] == 8 and [h["step"] for h in second["history"]] == [5, 6, 7, 8]
+    a = load_file(tmp_path / "straight/checkpoints/latest/model.safetensors")
+    b = load_file(tmp_path / "resumed/checkpoints/latest/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_config(data_dir, tmp_path):
+    train(config(data_dir, train__max_steps=2), tmp_path, device="cpu", progress=False)
+    with pytest.raises(RiceFMInputError, match="config differs"):
+        train(config(data_dir, train__max_steps=2, optim__lr=0.5), tmp_path, device="cpu", resume=True, progress=False)
+
+
+def test_two_process_ddp_equals_one_process_on_the_same_global_batch(data_dir, tmp_path):
+    common = ["--config", str(REPO / "configs/tiny.py"), "--data", str(data_dir), "--device", "cpu",
+              "--config.model.dropout=0.0", "--config.train.precision=fp32", "--config.train.max_steps=4",
+              "--config.model.attention=math", "--config.train.checkpoint_every=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "ricefm_npu.train", *common, "--workdir", str(tmp_path / "one"),
+                          "--config.data.batch_size=16"], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "ricefm_npu.train", *common, "--workdir", str(tmp_path / "two"),
+                          "--config.data.batch_size=8"], capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = load_file(tmp_path / "one/checkpoints/latest/model.safetensors")
+    b = load_file(tmp_path / "two/checkpoints/latest/model.safetensors")
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-5, worst
+    assert "x2" in two.stdout and "x1" in one.stdout
+    torch.manual_seed(0)  # the initial weights both runs started from
+    init = RiceFM.from_config(tiny.get_config().model, 55_804).state_dict()
+    moved = max(float((a[k] - init[k]).abs().max()) for k in a)
+    assert moved > 1e-3  # four Adam steps at lr 1e-3 really moved the weights
+
+
+def test_clear_errors(data_dir, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(RiceFMInputError, match="not writable"):
+        train(config(data_dir), blocked / "sub", device="cpu", progress=False)
+    with pytest.raises(RiceFMInputError, match="not a riceFM dataset"):
+        train(config(tmp_path / "nowhere"), tmp_path / "w", device="cpu", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(RiceFMInputError, match="no CUDA device"):
+            train(config(data_dir), tmp_path / "w", device="cuda", progress=False)
+    with pytest.raises(RiceFMInputError, match="no checkpoint"):
+        train(config(data_dir), tmp_path / "fresh", device="cpu", resume=True, progress=False)
