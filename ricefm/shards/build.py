@@ -19,7 +19,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from ricefm.binning import bin_cells
@@ -27,14 +26,12 @@ from ricefm.errors import RiceFMInputError
 from ricefm.gene_maps import load_gene_map
 from ricefm.shards import store
 from ricefm.shards.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, MODALITY_NAMES, Manifest, load_manifest
+from ricefm.shards.gene_space import VocabMapping, modality_codes, translated_genes
 from ricefm.shards.sources import H5adSource
 from ricefm.vocab import GeneVocab
 
 DEFAULT_CELLS_PER_SHARD = 100_000
 DEFAULT_MIN_GENE_FRACTION = 0.10
-
-_MODALITY_WORDS = {"scrna": 0, "scrna-seq": 0, "scrnaseq": 0, "sc": 0, "0": 0,
-                   "spatial": 1, "st": 1, "1": 1}
 
 # Fault injection for tests: SIGKILL the build after this many blocks (a real, uncatchable kill).
 _KILL_AFTER_BLOCKS_ENV = "RICEFM_TEST_KILL_AFTER_BLOCKS"
@@ -62,35 +59,10 @@ class BuildOptions:
 @dataclass
 class _Input:
     source: H5adSource
-    vocab_ids: np.ndarray  # per input column: vocabulary id or -1
-    vocab_size: int
-    collapses: bool  # several columns map to one vocabulary gene (summed)
+    mapping: VocabMapping
     modality: np.ndarray  # int8 per cell
     obs_codes: dict[str, np.ndarray] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-def _modality_codes(src: H5adSource, modality: str) -> np.ndarray:
-    if modality in ("scrna", "spatial"):
-        return np.full(src.n_obs, _MODALITY_WORDS[modality], dtype=np.int8)
-    if not modality.startswith("obs:"):
-        raise RiceFMInputError(f"--modality {modality!r}: use scrna, spatial or obs:COLUMN")
-    col = src.obs_column(modality[4:], "--modality")
-    words = col.astype(str).str.strip().str.lower()
-    codes = words.map(_MODALITY_WORDS)
-    if codes.isna().any():
-        bad = sorted(set(col[codes.isna()].astype(str)))[:5]
-        raise RiceFMInputError(
-            f"{src.path}: obs[{modality[4:]!r}] (--modality) has values {bad} that are neither scRNA-seq "
-            "(scrna/sc/0) nor spatial (spatial/st/1)")
-    return codes.to_numpy(dtype=np.int8)
-
-
-def _map_genes(src: H5adSource, gene_map: dict[str, str] | None) -> tuple[list[str], int]:
-    if gene_map is None:
-        return src.genes, 0
-    mapped = [gene_map.get(g, g) for g in src.genes]
-    return mapped, sum(1 for g in src.genes if g in gene_map)
 
 
 def _plan_inputs(paths: Sequence[str | Path], opts: BuildOptions, vocab_path: str | Path | None
@@ -100,7 +72,7 @@ def _plan_inputs(paths: Sequence[str | Path], opts: BuildOptions, vocab_path: st
         for p in paths:
             sources.append(H5adSource.open(p, layer=opts.layer, gene_column=opts.gene_column))
         gene_map = load_gene_map(opts.gene_map) if opts.gene_map else None
-        mapped_genes = [_map_genes(s, gene_map) for s in sources]
+        mapped_genes = [translated_genes(s, gene_map) for s in sources]
         if opts.build_vocab:
             vocab = GeneVocab.from_genes(sorted(set().union(*(set(g) for g, _ in mapped_genes))))
         else:
@@ -113,45 +85,22 @@ def _plan_inputs(paths: Sequence[str | Path], opts: BuildOptions, vocab_path: st
             categories[column] = sorted(values)
         inputs = []
         for s, (genes, n_by_table) in zip(sources, mapped_genes):
-            ids = vocab.lookup(genes)
-            matched = ids >= 0
-            frac = matched.mean() if len(ids) else 0.0
-            if frac < opts.min_gene_fraction:
-                hint = " (RAP-DB ids? add --gene-map rap-to-msu)" if any(g[:2] == "Os" and "g" in g for g in s.genes[:50]) and not opts.gene_map else ""
-                raise RiceFMInputError(
-                    f"{s.path}: only {matched.sum()} of {len(ids)} genes ({frac:.1%}) of "
-                    f"{opts.gene_column or 'var_names'} are in the vocabulary {vocab.source}, below "
-                    f"--min-gene-fraction {opts.min_gene_fraction:g}{hint}; use a matching --vocab or --build-vocab")
-            kept = ids[matched]
+            mapping = VocabMapping.build(s, genes, vocab, opts.min_gene_fraction, opts.gene_column, opts.gene_map,
+                                         n_by_table)
             obs_codes = {}
             for column, cats in categories.items():
                 col = s.obs_column(column, "--keep-obs")
                 labels = [None if pd.isna(v) else str(v) for v in col.astype(object)]
-                codes = pd.Categorical(labels, categories=cats).codes  # missing -> -1
-                obs_codes[column] = codes.astype(store.OBS_DTYPE)
+                obs_codes[column] = pd.Categorical(labels, categories=cats).codes.astype(store.OBS_DTYPE)  # missing: -1
             inputs.append(_Input(
-                source=s, vocab_ids=ids, vocab_size=len(vocab), collapses=len(np.unique(kept)) != len(kept),
-                modality=_modality_codes(s, opts.modality), obs_codes=obs_codes,
+                source=s, mapping=mapping, modality=modality_codes(s, opts.modality), obs_codes=obs_codes,
                 stats={"path": str(s.path.resolve()), "field": s.field, "n_obs": s.n_obs, "n_vars": s.n_vars,
-                       "file_bytes": s.path.stat().st_size, "genes_matched": int(matched.sum()),
-                       "genes_unmatched": int((~matched).sum()), "genes_mapped_by_table": n_by_table,
-                       "genes_merged": int(len(kept) - len(np.unique(kept)))}))
+                       "file_bytes": s.path.stat().st_size, **mapping.stats}))
         return inputs, vocab, categories
     except BaseException:
         for s in sources:
             s.close()
         raise
-
-
-def _to_vocab_space(block: sp.csr_matrix, inp: _Input) -> sp.csr_matrix:
-    """Keep in-vocabulary columns, relabelled with vocabulary ids; input column order is kept."""
-    ids = inp.vocab_ids[block.indices]
-    keep = ids >= 0
-    indptr = np.concatenate([[0], np.cumsum(keep)])[block.indptr]
-    out = sp.csr_matrix((block.data[keep], ids[keep].astype(np.int32), indptr), shape=(block.shape[0], inp.vocab_size))
-    if inp.collapses:  # several input genes -> one vocabulary gene: sum their counts
-        out.sum_duplicates()
-    return out
 
 
 class _ShardWriter:
@@ -233,7 +182,7 @@ def _write_shard(k: int, rows: tuple[int, int], inputs: list[_Input], categories
         r0 = lo - int(starts[f])
         r1 = min(r0 + block_cells, inp.source.n_obs, hi - int(starts[f]))
         block = inp.source.read_rows(r0, r1)
-        mapped = _to_vocab_space(block, inp)
+        mapped = inp.mapping.apply(block)
         lengths = np.diff(mapped.indptr)
         empty_input = np.diff(block.indptr) == 0
         dropped["no_counts"] += int(empty_input.sum())
