@@ -162,7 +162,7 @@ def collate_pcpt(cells: CellBatch, tokens: TokenSpec, max_seq_len: int, selectio
                  rng: np.random.Generator | None = None, value_array: str = "bins") -> dict[str, np.ndarray]:
     """Perceptual-only layout for embeddings/inference: <cls> + the cell's genes, padded to
     min(max_seq_len, longest cell + 1); a longer cell keeps ``max_seq_len - 1`` genes by
-    ``selection``."""
+    ``selection``, ranked by the raw ``values`` when the batch has them (finer than bins)."""
     n_cells = len(cells.lengths)
     L = int(min(max_seq_len, int(cells.lengths.max(initial=0)) + 1))
     ids = np.full((n_cells, L), tokens.pad_id, np.int64)
@@ -170,7 +170,8 @@ def collate_pcpt(cells: CellBatch, tokens: TokenSpec, max_seq_len: int, selectio
     ids[:, 0] = tokens.cls_id
     for i in range(n_cells):
         genes, values = cells.cell(i, "gene_ids"), cells.cell(i, value_array)
-        keep = select_genes(values, L - 1, selection, rng)
+        rank_by = cells.cell(i, "values") if "values" in cells.arrays else values
+        keep = select_genes(rank_by, L - 1, selection, rng)
         ids[i, 1:1 + len(keep)] = genes[keep]
         vals[i, 1:1 + len(keep)] = values[keep]
     return {"gene_ids": ids, "values": vals, "key_padding_mask": ids == tokens.pad_id,

@@ -37,6 +37,19 @@ def _export_vocab(dataset: str, path: str) -> None:
     built.save(path)
 
 
+def _embed(args: argparse.Namespace) -> None:
+    from ricefm.embed import embed_h5ad, load_embedder
+
+    embedder = load_embedder(args.backend, args.checkpoint, device=args.device)
+    info = embed_h5ad(args.input, args.output, embedder, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+                      selection=args.selection, layer=args.layer, gene_column=args.gene_column,
+                      gene_map=args.gene_map, modality=args.modality, min_gene_fraction=args.min_gene_fraction,
+                      progress=not args.quiet)
+    print(f"{args.output}: obsm['X_ricefm'] for {info['cells']:,} cells ({info['backend']}, max_seq_len "
+          f"{info['max_seq_len']}, {info['genes_matched']:,} genes in the vocabulary; "
+          f"{info['cells_without_vocab_genes']:,} cells without any, embedded from <cls> alone)")
+
+
 def make_parser() -> argparse.ArgumentParser:
     from ricefm.gene_maps import GENE_MAP_NAMES
     from ricefm.shards.build import DEFAULT_CELLS_PER_SHARD, DEFAULT_MIN_GENE_FRACTION
@@ -60,6 +73,24 @@ def make_parser() -> argparse.ArgumentParser:
                    help="error if fewer than this fraction of a file's genes are in the vocabulary")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_build_data)
+
+    e = sub.add_parser("embed", help="cell embeddings of an .h5ad into obsm['X_ricefm']")
+    e.add_argument("--checkpoint", required=True, help="published, torch or Flax checkpoint folder")
+    e.add_argument("--input", required=True, help=".h5ad with raw counts")
+    e.add_argument("--output", required=True, help=".h5ad to write (the input plus the embeddings)")
+    e.add_argument("--backend", default="torch", choices=("torch", "jax"))
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--device", default="auto", help="torch: auto | npu | cuda | cpu")
+    e.add_argument("--max-seq-len", type=int, default=None, help="default: the checkpoint's training length")
+    e.add_argument("--selection", default="highest", choices=("highest", "first", "random"),
+                   help="genes kept when a cell has more than max_seq_len-1: highest counts (default), first, random")
+    e.add_argument("--layer", default=None)
+    e.add_argument("--gene-column", default=None)
+    e.add_argument("--gene-map", default=None, choices=GENE_MAP_NAMES)
+    e.add_argument("--modality", default="scrna", help="scrna | spatial | obs:COLUMN")
+    e.add_argument("--min-gene-fraction", type=float, default=DEFAULT_MIN_GENE_FRACTION)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_embed)
     return p
 
 

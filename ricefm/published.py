@@ -46,6 +46,8 @@ def model_config_from_args(args: dict[str, Any], base: ml_collections.ConfigDict
     for arg, field in _ARG_TO_MODEL.items():
         if arg in args:
             model[field] = type(model[field])(args[arg])
+    if "max_seq_len" in args:  # the training length; embedding uses it as its default
+        model["max_seq_len"] = int(args["max_seq_len"])
     if args.get("input_emb_style", "continuous") != "continuous":
         raise RiceFMInputError(f"args.json input_emb_style {args['input_emb_style']!r}: only 'continuous' is supported")
     return model

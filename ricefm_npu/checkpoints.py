@@ -75,7 +75,8 @@ def save_published(path: str | Path, model: RiceFM, cfg: ml_collections.ConfigDi
     vocab.save(path / published.VOCAB)
 
 
-def save_native(path: str | Path, model: RiceFM, cfg: ml_collections.ConfigDict, vocab: GeneVocab) -> None:
+def save_native(path: str | Path, model: RiceFM, cfg: ml_collections.ConfigDict, vocab: GeneVocab,
+                data: ml_collections.ConfigDict | None = None) -> None:
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -84,8 +85,11 @@ def save_native(path: str | Path, model: RiceFM, cfg: ml_collections.ConfigDict,
     os.close(fd)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, path / NATIVE_WEIGHTS)
+    model_cfg = cfg.to_dict()
+    if data is not None:
+        model_cfg["max_seq_len"] = int(data.max_seq_len)
     write_json_atomic(path / NATIVE_CONFIG, {"format": NATIVE_FORMAT, "vocab_size": len(vocab),
-                                             "vocab_sha256": vocab.sha256(), "model": cfg.to_dict()})
+                                             "vocab_sha256": vocab.sha256(), "model": model_cfg})
     vocab.save(path / published.VOCAB)
 
 

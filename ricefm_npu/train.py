@@ -220,7 +220,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "au
             best = valid["total"]
         if env.main:
             def write_latest(d: Path) -> None:
-                save_native(d, model, cfg.model, vocab)
+                save_native(d, model, cfg.model, vocab, cfg.data)
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "scaler": scaler.state_dict(), "rng": devices.rng_state(env.device), "step": step,
                             "epoch": epoch, "micro": micro, "best_valid": best, "config": _config_fingerprint(cfg)},

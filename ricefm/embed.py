@@ -1,0 +1,127 @@
+"""Cell embeddings for an h5ad file with any backend: ``ricefm embed``.
+
+Cells are tokenized exactly as in training (per-cell binning of the non-zero in-vocabulary genes,
+``<cls>`` first with value pad_value) and run through the pcpt-only forward; the ``<cls>`` output
+goes to ``obsm["X_ricefm"]`` and the run parameters to ``uns["ricefm"]``. The input is read in row
+blocks and the output is the input file plus those two entries, written via a temporary file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+import anndata as ad
+import h5py
+import numpy as np
+from tqdm.auto import tqdm
+
+from ricefm.batching import TokenSpec, collate_pcpt
+from ricefm.binning import bin_cells
+from ricefm.errors import RiceFMInputError
+from ricefm.gene_maps import load_gene_map
+from ricefm.shards.gene_space import VocabMapping, modality_codes, translated_genes
+from ricefm.shards.reader import CellBatch
+from ricefm.shards.sources import H5adSource
+from ricefm.vocab import GeneVocab
+
+OBSM_KEY = "X_ricefm"
+BLOCK_CELLS = 4096
+
+
+class Embedder(Protocol):
+    """What a backend provides: its vocabulary, model config, and embeddings of a pcpt batch."""
+
+    vocab: GeneVocab
+    model_config: Any
+    description: str
+
+    def embed(self, batch: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
+def load_embedder(backend: str, checkpoint: str | Path, device: str = "auto") -> Embedder:
+    if backend == "torch":
+        from ricefm_npu.embed import TorchEmbedder
+
+        return TorchEmbedder(checkpoint, device=device)
+    if backend == "jax":
+        try:
+            from ricefm_jax.embed import JaxEmbedder
+        except ImportError:
+            raise RiceFMInputError("--backend jax is not available in this version; use --backend torch") from None
+        return JaxEmbedder(checkpoint)
+    raise RiceFMInputError(f"--backend {backend!r}: choose torch or jax")
+
+
+def embed_cells(embedder: Embedder, src: H5adSource, mapping: VocabMapping, modality: np.ndarray,
+                batch_size: int, max_seq_len: int, selection: str, progress: bool = True) -> tuple[np.ndarray, int]:
+    """(n_obs, d_model) float32 embeddings of every cell of ``src``, and how many cells had no
+    in-vocabulary gene (they are embedded from ``<cls>`` alone)."""
+    tokens = TokenSpec(embedder.vocab.pad_id, embedder.vocab.cls_id, float(embedder.model_config.pad_value))
+    out = np.zeros((src.n_obs, int(embedder.model_config.d_model)), np.float32)
+    empty = 0
+    with tqdm(total=src.n_obs, unit="cell", desc="embed", disable=not progress) as bar:
+        for lo in range(0, src.n_obs, BLOCK_CELLS):
+            hi = min(lo + BLOCK_CELLS, src.n_obs)
+            mapped = mapping.apply(src.read_rows(lo, hi))
+            lengths = np.diff(mapped.indptr).astype(np.int64)
+            empty += int((lengths == 0).sum())
+            flat = {"gene_ids": mapped.indices.astype(np.int32), "values": mapped.data,
+                    "bins": bin_cells(mapped.indptr, mapped.data)}
+            for b in range(0, hi - lo, batch_size):
+                s, e = b, min(b + batch_size, hi - lo)
+                p0, p1 = mapped.indptr[s], mapped.indptr[e]
+                cells = CellBatch(indices=np.arange(lo + s, lo + e), lengths=lengths[s:e], modality=modality[lo + s:lo + e],
+                                  arrays={k: v[p0:p1] for k, v in flat.items()})
+                out[lo + s:lo + e] = embedder.embed(collate_pcpt(cells, tokens, max_seq_len, selection=selection))
+                bar.update(e - s)
+    return out, empty
+
+
+def write_embeddings(input_path: Path, output_path: Path, emb: np.ndarray, info: dict[str, Any]) -> None:
+    """The input file plus obsm[X_ricefm] and uns[ricefm], swapped into place when complete."""
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".h5ad", dir=output_path.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(input_path, tmp)
+        with h5py.File(tmp, "a") as f:
+            for group in ("obsm", "uns"):
+                if group not in f:
+                    ad.io.write_elem(f, group, {})
+            for group, key in (("obsm", OBSM_KEY), ("uns", "ricefm")):
+                if key in f[group]:
+                    del f[group][key]
+            ad.io.write_elem(f["obsm"], OBSM_KEY, emb)
+            ad.io.write_elem(f["uns"], "ricefm", info)
+        os.replace(tmp, output_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def embed_h5ad(input_path: str | Path, output_path: str | Path, embedder: Embedder, batch_size: int = 64,
+               max_seq_len: int | None = None, selection: str = "highest", layer: str | None = None,
+               gene_column: str | None = None, gene_map: str | None = None, modality: str = "scrna",
+               min_gene_fraction: float = 0.1, progress: bool = True) -> dict[str, Any]:
+    input_path, output_path = Path(input_path), Path(output_path)
+    if output_path.resolve() == input_path.resolve():
+        raise RiceFMInputError(f"--output {output_path}: must differ from --input")
+    max_seq_len = int(max_seq_len or embedder.model_config.get("max_seq_len", 1200))
+    src = H5adSource.open(input_path, layer=layer, gene_column=gene_column)
+    try:
+        genes, n_by_table = translated_genes(src, load_gene_map(gene_map) if gene_map else None)
+        mapping = VocabMapping.build(src, genes, embedder.vocab, min_gene_fraction, gene_column, gene_map, n_by_table)
+        codes = modality_codes(src, modality)
+        emb, empty = embed_cells(embedder, src, mapping, codes, batch_size, max_seq_len, selection, progress)
+    finally:
+        src.close()
+    info = {"backend": embedder.description, "checkpoint_vocab_sha256": embedder.vocab.sha256(),
+            "max_seq_len": max_seq_len, "selection": selection, "batch_size": batch_size, "field": src.field,
+            "cells": src.n_obs, "cells_without_vocab_genes": empty, **mapping.stats}
+    write_embeddings(input_path, output_path, emb, info)
+    return info
