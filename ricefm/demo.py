@@ -1,10 +1,14 @@
-"""End-to-end demo on the shipped rice root-tip data: build shards, then stream training batches.
+"""End-to-end demo on the shipped rice root-tip data: build shards, stream training batches,
+pretrain the tiny model briefly with the torch backend, and embed the cells with it.
 
-    python -m ricefm.demo --config configs/tiny.py --workdir demo_out [--config.data.batch_size=16]
+    python -m ricefm.demo --config configs/tiny.py --workdir demo_out [--train_steps 200] [--config.x=y]
+
+The backends are imported only inside the steps that use them (the core imports neither).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -21,10 +25,11 @@ DEMO_H5AD = "rice_root_SRP309176_2k.h5ad"
 _REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(_REPO_CONFIGS / "tiny.py"), "ml-collections config file")
-_WORKDIR = flags.DEFINE_string("workdir", "demo_out", "where the demo writes its dataset")
+_WORKDIR = flags.DEFINE_string("workdir", "demo_out", "where the demo writes its dataset, checkpoints, embeddings")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 200, "torch pretraining steps (0 = skip pretraining and embedding)")
 
 
-def run(config, workdir: Path) -> None:
+def run(config, workdir: Path, train_steps: int = 200) -> None:
     data_dir = workdir / "data"
     with resources.as_file(resources.files("ricefm.resources").joinpath(DEMO_H5AD)) as h5ad:
         manifest = build_dataset([h5ad], data_dir, options=BuildOptions(keep_obs=("celltype", "sample"),
@@ -51,12 +56,36 @@ def run(config, workdir: Path) -> None:
     print(f"embedding batch (pcpt-only, highest-expressed genes first kept): gene_ids {emb['gene_ids'].shape}")
     codes, cats = ds.obs_codes("celltype")
     print(f"cell types kept for evaluation: {len(cats)} ({', '.join(cats[:4])}, ...)")
+    if train_steps > 0:
+        pretrain_and_embed(config, workdir, data_dir, train_steps)
+
+
+def pretrain_and_embed(config, workdir: Path, data_dir: Path, train_steps: int) -> None:
+    from ricefm.embed import embed_h5ad, load_embedder
+    from ricefm_npu.train import train
+
+    config.data.data_dir = str(data_dir)
+    config.train.max_steps = train_steps
+    config.train.checkpoint_every = max(1, train_steps // 2)
+    run_dir = workdir / "torch_run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    summary = train(config, run_dir, device="auto")
+    h = summary["history"]
+    print(f"pretrained {summary['steps']} steps on {summary['device']} ({summary['attention']} attention): "
+          f"loss {h[0]['loss_total']:.1f} -> {h[-1]['loss_total']:.1f}, best validation {summary['best_valid']:.1f}; "
+          f"checkpoints in {run_dir}")
+    embedder = load_embedder("torch", run_dir / "best", device="auto")
+    with resources.as_file(resources.files("ricefm.resources").joinpath(DEMO_H5AD)) as h5ad:
+        info = embed_h5ad(h5ad, workdir / "embeddings.h5ad", embedder, batch_size=64,
+                          max_seq_len=config.data.max_seq_len)
+    print(f"embedded {info['cells']:,} cells -> {workdir / 'embeddings.h5ad'} obsm['X_ricefm'] "
+          f"({int(config.model.d_model)} dims)")
 
 
 def main(argv) -> None:
     del argv
     try:
-        run(_CONFIG.value, Path(_WORKDIR.value))
+        run(_CONFIG.value, Path(_WORKDIR.value), _TRAIN_STEPS.value)
     except RiceFMInputError as e:
         raise app.UsageError(str(e)) from None
 

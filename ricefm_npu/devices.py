@@ -63,9 +63,12 @@ def ddp_backend(device: torch.device) -> str:
     return _DDP_BACKENDS[device.type]
 
 
-def default_attention(device: torch.device) -> str:
-    """The fastest exact kernel for a device."""
-    return "npu_fusion" if device.type == "npu" else "sdpa"
+def default_attention(device: torch.device, dropout: float = 0.0) -> str:
+    """The fastest exact kernel for a device. On CPU, SDPA's fused kernel has no dropout and falls
+    back to an unfused path slower than ``math`` (benchmarks/results/torch_train.json)."""
+    if device.type == "npu":
+        return "npu_fusion"
+    return "math" if device.type == "cpu" and dropout > 0 else "sdpa"
 
 
 def amp_settings(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:

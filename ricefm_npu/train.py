@@ -161,7 +161,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "au
     total_steps = cfg.train.max_steps or cfg.train.epochs * (micro_per_epoch // accum)
 
     torch.manual_seed(cfg.train.seed)
-    attention = devices.default_attention(env.device) if cfg.model.attention == "auto" else cfg.model.attention
+    attention = (devices.default_attention(env.device, cfg.model.dropout) if cfg.model.attention == "auto"
+                 else cfg.model.attention)
     model = RiceFM.from_config(cfg.model, len(vocab), attention=attention)
     if cfg.train.init_checkpoint:
         init, _, init_vocab = load_torch_checkpoint(cfg.train.init_checkpoint)
@@ -298,22 +299,26 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "au
             "world_size": env.world_size, "device": str(env.device), "attention": attention}
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml-collections config file, e.g. configs/ricefm_base.py")
-_DATA = flags.DEFINE_string("data", None, "dataset directory from `ricefm build-data` (sets config.data.data_dir)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "output folder for checkpoints, logs, TensorBoard")
-_DEVICE = flags.DEFINE_enum("device", "auto", list(devices.DEVICE_CHOICES), "auto prefers npu, then cuda, then cpu")
-_RESUME = flags.DEFINE_bool("resume", False, "continue from WORKDIR/checkpoints/latest")
+def _define_flags() -> dict[str, Any]:
+    """Command-line flags, defined only when run as a program (importers keep their own flags)."""
+    return {
+        "config": config_flags.DEFINE_config_file("config", None, "ml-collections config file, e.g. configs/ricefm_base.py"),
+        "data": flags.DEFINE_string("data", None, "dataset directory from `ricefm build-data` (sets config.data.data_dir)"),
+        "workdir": flags.DEFINE_string("workdir", None, "output folder for checkpoints, logs, TensorBoard"),
+        "device": flags.DEFINE_enum("device", "auto", list(devices.DEVICE_CHOICES), "auto prefers npu, then cuda, then cpu"),
+        "resume": flags.DEFINE_bool("resume", False, "continue from WORKDIR/checkpoints/latest"),
+    }
 
 
-def main(argv) -> None:
+def main(argv, f: dict[str, Any]) -> None:
     del argv
-    if _CONFIG.value is None or _WORKDIR.value is None:
+    if f["config"].value is None or f["workdir"].value is None:
         raise app.UsageError("--config and --workdir are required")
-    cfg = _CONFIG.value
-    if _DATA.value:
-        cfg.data.data_dir = _DATA.value
+    cfg = f["config"].value
+    if f["data"].value:
+        cfg.data.data_dir = f["data"].value
     try:
-        summary = train(cfg, _WORKDIR.value, _DEVICE.value, _RESUME.value)
+        summary = train(cfg, f["workdir"].value, f["device"].value, f["resume"].value)
     except RiceFMInputError as e:
         raise app.UsageError(str(e)) from None
     finally:
@@ -326,4 +331,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _flags = _define_flags()
+    app.run(lambda argv: main(argv, _flags))
