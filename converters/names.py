@@ -40,3 +40,22 @@ def check_keys(expected: Mapping[str, tuple], state: Mapping[str, np.ndarray], s
         [f"unknown: {', '.join(unknown)}"] if unknown else []) + ([f"mis-shaped: {'; '.join(shapes)}"] if shapes else [])
     if problems:
         raise RiceFMInputError(f"{source}: checkpoint does not fit the model ({' | '.join(problems)})")
+
+
+# torch modules whose "weight" is an embedding table, and names of LayerNorm modules
+EMBEDDING_MODULES = frozenset({"encoder.embedding", "flag_encoder", "mod_encoder.embedding"})
+NORM_NAMES = frozenset({"enc_norm", "norm", "norm1", "norm2"})
+
+
+def flax_path(key: str) -> tuple:
+    """Inverse of :func:`torch_key`: ``transformer_encoder.layers.0.norm1.weight`` ->
+    ``('transformer_encoder', 'layers', 0, 'norm1', 'scale')``."""
+    parent, leaf = key.rsplit(".", 1)
+    parts = tuple(int(p) if p.isdigit() else p for p in parent.split("."))
+    if leaf == "bias":
+        return (*parts, "bias")
+    if parent in EMBEDDING_MODULES:
+        return (*parts, "embedding")
+    if parts[-1] in NORM_NAMES:
+        return (*parts, "scale")
+    return (*parts, "kernel")

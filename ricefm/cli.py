@@ -50,6 +50,14 @@ def _embed(args: argparse.Namespace) -> None:
           f"{info['cells_without_vocab_genes']:,} cells without any, embedded from <cls> alone)")
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from converters.formats import convert
+
+    ckpt = convert(args.src, args.dst, args.to)
+    print(f"{args.src} ({ckpt.format}) -> {args.dst} ({args.to}): {len(ckpt.state)} tensors, "
+          f"{sum(v.size for v in ckpt.state.values()):,} parameters, vocabulary {len(ckpt.vocab):,}")
+
+
 def make_parser() -> argparse.ArgumentParser:
     from ricefm.gene_maps import GENE_MAP_NAMES
     from ricefm.shards.build import DEFAULT_CELLS_PER_SHARD, DEFAULT_MIN_GENE_FRACTION
@@ -91,6 +99,12 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--min-gene-fraction", type=float, default=DEFAULT_MIN_GENE_FRACTION)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_embed)
+
+    c = sub.add_parser("convert", help="convert a checkpoint between the published, torch and Flax formats")
+    c.add_argument("src", help="checkpoint folder (format detected)")
+    c.add_argument("dst", help="new folder")
+    c.add_argument("--to", required=True, choices=("seed", "torch", "flax"))
+    c.set_defaults(func=_convert)
     return p
 
 

@@ -50,8 +50,8 @@ def load_embedder(backend: str, checkpoint: str | Path, device: str = "auto") ->
     if backend == "jax":
         try:
             from ricefm_jax.embed import JaxEmbedder
-        except ImportError:
-            raise RiceFMInputError("--backend jax is not available in this version; use --backend torch") from None
+        except ImportError as e:
+            raise RiceFMInputError(f"--backend jax needs the jax extra (pip install 'ricefm[jax]'): {e}") from None
         return JaxEmbedder(checkpoint)
     raise RiceFMInputError(f"--backend {backend!r}: choose torch or jax")
 

@@ -116,10 +116,14 @@ def load_native(path: str | Path, attention: str | None = None) -> tuple[RiceFM,
 
 def load_torch_checkpoint(path: str | Path, attention: str | None = None
                           ) -> tuple[RiceFM, ml_collections.ConfigDict, GeneVocab]:
-    """Published or native torch folder, detected from its files."""
+    """Any checkpoint format (published, torch native, Flax), detected from its files."""
     if is_native_folder(path):
         return load_native(path, attention)
     if published.is_published_folder(path):
         return load_published(path, attention)
-    raise RiceFMInputError(f"{path}: neither a published riceFM folder (best_model.pt, args.json, vocab.json) "
-                           f"nor a torch folder ({NATIVE_WEIGHTS}, {NATIVE_CONFIG}, vocab.json)")
+    from converters.formats import load_checkpoint  # a Flax folder, or a clear error naming the formats
+
+    ckpt = load_checkpoint(path)
+    model = RiceFM.from_config(ckpt.model, len(ckpt.vocab), attention=attention)
+    strict_load(model, {k: torch.from_numpy(v) for k, v in ckpt.state.items()}, str(path))
+    return model, ckpt.model, ckpt.vocab

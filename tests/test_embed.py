@@ -86,7 +86,7 @@ def test_long_cells_keep_their_highest_genes(fixture_h5ad, tmp_path):
 def test_embed_errors(fixture_h5ad, tmp_path, capsys):
     rc = cli(["embed", "--checkpoint", str(tmp_path), "--input", str(fixture_h5ad), "--output", str(tmp_path / "o.h5ad"),
               "--quiet"])
-    assert rc == 2 and "neither a published riceFM folder" in capsys.readouterr().err
+    assert rc == 2 and "not a riceFM checkpoint" in capsys.readouterr().err
     rc = cli(["embed", "--checkpoint", str(FIXTURES), "--input", str(fixture_h5ad), "--output", str(fixture_h5ad),
               "--device", "cpu", "--quiet"])
     assert rc == 2 and "must differ from --input" in capsys.readouterr().err

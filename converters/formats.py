@@ -1,0 +1,163 @@
+"""Checkpoint formats and conversion: published (``seed``), torch native, Flax (orbax).
+
+Every format is read into one neutral form — torch-named, torch-layout NumPy arrays, the model
+config and the vocabulary — and written from it, so any format converts to any other exactly.
+
+- seed:  ``best_model.pt`` (torch state dict) + ``args.json`` + ``vocab.json`` (needs torch)
+- torch: ``model.safetensors`` + ``config.json`` + ``vocab.json``
+- flax:  ``params/`` (orbax, Flax layout and paths) + ``config.json`` + ``vocab.json``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from converters.names import flax_path, to_flax_layout, to_torch_layout, torch_key
+from ricefm import published
+from ricefm.atomic import write_json_atomic
+from ricefm.errors import RiceFMInputError
+from ricefm.vocab import GeneVocab
+
+FORMATS = ("seed", "torch", "flax")
+TORCH_FORMAT, FLAX_FORMAT = "ricefm-torch", "ricefm-flax"
+CONFIG, SAFETENSORS, PARAMS = "config.json", "model.safetensors", "params"
+
+
+@dataclass
+class Checkpoint:
+    state: dict[str, np.ndarray]  # torch names and layout
+    model: ml_collections.ConfigDict
+    vocab: GeneVocab
+    format: str
+
+
+def detect_format(path: str | Path) -> str:
+    path = Path(path)
+    if published.is_published_folder(path):
+        return "seed"
+    if (path / CONFIG).is_file():
+        fmt = json.loads((path / CONFIG).read_text()).get("format")
+        if fmt == TORCH_FORMAT and (path / SAFETENSORS).is_file():
+            return "torch"
+        if fmt == FLAX_FORMAT and (path / PARAMS).is_dir():
+            return "flax"
+    raise RiceFMInputError(
+        f"{path}: not a riceFM checkpoint (published: best_model.pt + args.json + vocab.json; torch: "
+        f"{SAFETENSORS} + {CONFIG} + vocab.json; flax: {PARAMS}/ + {CONFIG} + vocab.json)")
+
+
+def _base_model_config() -> ml_collections.ConfigDict:
+    from ricefm_configs import ricefm_base
+
+    return ricefm_base.get_config().model
+
+
+def _read_meta(path: Path, fmt: str) -> tuple[ml_collections.ConfigDict, GeneVocab]:
+    meta = json.loads((path / CONFIG).read_text())
+    vocab = GeneVocab.load(path / published.VOCAB)
+    if vocab.sha256() != meta.get("vocab_sha256"):
+        raise RiceFMInputError(f"{path}: vocab.json does not match {CONFIG}'s vocab_sha256")
+    return ml_collections.ConfigDict(meta["model"]), vocab
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "seed":
+        try:
+            import torch
+        except ImportError:
+            raise RiceFMInputError(f"{path}: reading best_model.pt needs torch (pip install torch)") from None
+        args, vocab = published.read_published(path)
+        model = published.model_config_from_args(args, _base_model_config())
+        sd = torch.load(path / published.WEIGHTS, map_location="cpu", weights_only=True)
+        return Checkpoint({k: v.numpy() for k, v in sd.items()}, model, vocab, fmt)
+    model, vocab = _read_meta(path, fmt)
+    if fmt == "torch":
+        from safetensors.numpy import load_file
+
+        return Checkpoint(load_file(path / SAFETENSORS), model, vocab, fmt)
+    import orbax.checkpoint as ocp
+
+    tree = ocp.StandardCheckpointer().restore((path / PARAMS).resolve())
+    state = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, (*prefix, int(k) if str(k).isdigit() else k))
+        else:
+            state[torch_key(prefix)] = to_torch_layout(prefix, np.asarray(node))
+
+    walk(tree, ())
+    return Checkpoint(state, model, vocab, fmt)
+
+
+def _write_meta(path: Path, ckpt: Checkpoint, fmt_name: str) -> None:
+    write_json_atomic(path / CONFIG, {"format": fmt_name, "vocab_size": len(ckpt.vocab),
+                                      "vocab_sha256": ckpt.vocab.sha256(), "model": ckpt.model.to_dict()})
+    ckpt.vocab.save(path / published.VOCAB)
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | Path, fmt: str) -> None:
+    """Write ``ckpt`` as ``fmt`` into ``path`` (built under a temporary name, then renamed)."""
+    if fmt not in FORMATS:
+        raise RiceFMInputError(f"--to {fmt!r}: choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise RiceFMInputError(f"{path}: exists and is not empty; choose a new destination")
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if fmt == "seed":
+            import collections
+
+            import torch
+
+            from ricefm_npu.model import RiceFM
+
+            order = list(RiceFM.from_config(ckpt.model, len(ckpt.vocab)).state_dict())  # the published key order
+            state = ckpt.state if set(order) != set(ckpt.state) else {k: ckpt.state[k] for k in order}
+            sd = collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state.items())
+            torch.save(sd, tmp / published.WEIGHTS)
+            write_json_atomic(tmp / published.ARGS, published.args_from_config(ckpt.model))
+            ckpt.vocab.save(tmp / published.VOCAB)
+        elif fmt == "torch":
+            from safetensors.numpy import save_file
+
+            save_file({k: np.ascontiguousarray(v) for k, v in ckpt.state.items()}, tmp / SAFETENSORS)
+            _write_meta(tmp, ckpt, TORCH_FORMAT)
+        else:
+            import orbax.checkpoint as ocp
+
+            tree: dict = {}
+            for key, value in ckpt.state.items():
+                p = flax_path(key)
+                node = tree
+                for part in p[:-1]:
+                    node = node.setdefault(str(part), {})
+                node[p[-1]] = to_flax_layout(p, np.asarray(value))
+            checkpointer = ocp.StandardCheckpointer()
+            checkpointer.save((tmp / PARAMS).resolve(), tree)
+            checkpointer.wait_until_finished()
+            _write_meta(tmp, ckpt, FLAX_FORMAT)
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert(src: str | Path, dst: str | Path, to: str) -> Checkpoint:
+    ckpt = load_checkpoint(src)
+    save_checkpoint(ckpt, dst, to)
+    return ckpt

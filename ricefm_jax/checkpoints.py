@@ -1,0 +1,26 @@
+"""Flax models from any checkpoint format (published, torch, Flax) via ``converters``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_collections
+
+from converters.formats import Checkpoint, load_checkpoint, save_checkpoint
+from ricefm.vocab import GeneVocab
+from ricefm_jax.model import RiceFM
+from ricefm_jax.params import load_state_dict, state_dict
+
+
+def load_flax_model(path: str | Path, attention: str | None = None, dtype=jnp.float32
+                    ) -> tuple[RiceFM, ml_collections.ConfigDict, GeneVocab]:
+    ckpt = load_checkpoint(path)
+    model = RiceFM.from_config(ckpt.model, len(ckpt.vocab), attention=attention, dtype=dtype)
+    load_state_dict(model, ckpt.state, str(path))
+    return model, ckpt.model, ckpt.vocab
+
+
+def save_flax_model(path: str | Path, model: RiceFM, cfg: ml_collections.ConfigDict, vocab: GeneVocab,
+                    fmt: str = "flax") -> None:
+    save_checkpoint(Checkpoint(state_dict(model), cfg, vocab, fmt), path, fmt)
