@@ -135,6 +135,29 @@ def collate_generative(cells: CellBatch, tokens: TokenSpec, max_seq_len: int, ge
     }
 
 
+def pad_generative(batch: dict[str, np.ndarray], max_seq_len: int, tokens: TokenSpec) -> dict[str, np.ndarray]:
+    """Pad a generative batch to the lengths it would have if its longest cell filled max_seq_len.
+
+    Every token stays (the split never drops more genes at the longer lengths), so the loss is
+    unchanged, and a compiled step sees one shape per gen ratio instead of one per batch.
+    """
+    r = float(batch["gen_prob"])
+    gen_len = int((max_seq_len - 1) * r)
+    pcpt_len = max_seq_len - gen_len
+    out = dict(batch)
+    for stream, length in (("pcpt", pcpt_len), ("gen", gen_len)):
+        ids = batch[f"{stream}_gene_ids"]
+        extra = length - ids.shape[1]
+        if extra < 0:
+            raise ValueError(f"{stream} stream is longer ({ids.shape[1]}) than max_seq_len allows ({length})")
+        values_key = "pcpt_values" if stream == "pcpt" else "gen_target_values"
+        out[f"{stream}_gene_ids"] = np.pad(ids, ((0, 0), (0, extra)), constant_values=tokens.pad_id)
+        out[values_key] = np.pad(batch[values_key], ((0, 0), (0, extra)), constant_values=tokens.pad_value)
+        out[f"{stream}_key_padding_mask"] = np.pad(batch[f"{stream}_key_padding_mask"], ((0, 0), (0, extra)),
+                                                   constant_values=True)
+    return out
+
+
 def select_genes(values: np.ndarray, k: int, selection: str, rng: np.random.Generator | None = None) -> np.ndarray:
     """Positions of at most k genes to keep, in stored order.
 
@@ -190,13 +213,13 @@ class BatchStream:
     def __init__(self, dataset: ShardedCells, tokens: TokenSpec, batch_size: int, max_seq_len: int,
                  gen_ratios: Sequence[float], seed: int, rank: int = 0, world_size: int = 1,
                  start_epoch: int = 0, start_step: int = 0, n_epochs: int | None = None, prefetch: int = 4,
-                 cells: np.ndarray | None = None, num_workers: int = 0):
+                 cells: np.ndarray | None = None, num_workers: int = 0, pad_to_max: bool = False):
         self.dataset, self.tokens = dataset, tokens
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.gen_ratios = tuple(float(r) for r in gen_ratios)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.start_epoch, self.start_step, self.n_epochs = start_epoch, start_step, n_epochs
-        self.prefetch, self.num_workers = prefetch, num_workers
+        self.prefetch, self.num_workers, self.pad_to_max = prefetch, num_workers, pad_to_max
         # a subset of the dataset (e.g. the training split); positions index into it
         self.cells = np.arange(len(dataset)) if cells is None else np.asarray(cells, np.int64)
         self.steps_per_epoch = steps_per_epoch(len(self.cells), batch_size, world_size)
@@ -222,6 +245,8 @@ class BatchStream:
     def _collate(self, epoch: int, step: int, cells: CellBatch) -> dict[str, np.ndarray]:
         ratio = self.gen_ratios[_rng(self.seed, epoch, step).integers(len(self.gen_ratios))]
         batch = collate_generative(cells, self.tokens, self.max_seq_len, ratio, self.seed, epoch)
+        if self.pad_to_max:  # static shapes for compiled (XLA) steps
+            batch = pad_generative(batch, self.max_seq_len, self.tokens)
         batch["epoch"], batch["step"] = np.int64(epoch), np.int64(step)
         return batch
 
@@ -301,7 +326,7 @@ class BatchStream:
         # spawn, not fork: TensorStore's thread pools do not survive a fork
         ctx = mp.get_context("spawn")
         spec = (str(self.dataset.directory), self.tokens, self.batch_size, self.max_seq_len, self.gen_ratios,
-                self.seed, self.rank, self.world_size, self.cells)
+                self.seed, self.rank, self.world_size, self.cells, self.pad_to_max)
         with ctx.Pool(self.num_workers, initializer=_worker_init, initargs=spec) as pool:
             pending: collections.deque = collections.deque()
             positions = self._positions()
@@ -317,10 +342,11 @@ class BatchStream:
 _WORKER_STREAM: BatchStream | None = None
 
 
-def _worker_init(directory, tokens, batch_size, max_seq_len, gen_ratios, seed, rank, world_size, cells) -> None:
+def _worker_init(directory, tokens, batch_size, max_seq_len, gen_ratios, seed, rank, world_size, cells,
+                 pad_to_max) -> None:
     global _WORKER_STREAM
     _WORKER_STREAM = BatchStream(ShardedCells(directory), tokens, batch_size, max_seq_len, gen_ratios, seed,
-                                 rank=rank, world_size=world_size, prefetch=0, cells=cells)
+                                 rank=rank, world_size=world_size, prefetch=0, cells=cells, pad_to_max=pad_to_max)
 
 
 def _worker_batch(epoch: int, step: int) -> dict[str, np.ndarray]:
