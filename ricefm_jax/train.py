@@ -77,6 +77,22 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
     return tx
 
 
+def make_train_step(graphdef, tx: optax.GradientTransformation, base_key: jax.Array):
+    """The compiled step: (params, opt_state, rest, batch, step) -> (params, opt_state, losses, grad norm)."""
+
+    @partial(jax.jit, static_argnames=("cell_emb_pass",), donate_argnums=(0, 1))
+    def train_step(params, opt_state, rest, batch, step, cell_emb_pass=True):
+        m = nnx.merge(graphdef, params, rest)
+        m.train()
+        nnx.reseed(m, dropout=jax.random.fold_in(base_key, step))  # dropout keys: f(seed, step)
+        (_, parts), grads = nnx.value_and_grad(lambda mod: pretraining_loss(mod, batch, cell_emb_pass),
+                                               has_aux=True)(m)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, parts, optax.tree.norm(grads)
+
+    return train_step
+
+
 def _check_workdir(workdir: Path) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -135,15 +151,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, resume: bool = Fa
     opt_state = jax.device_put(tx.init(params), replicated)
     base_key = jax.random.key(cfg.train.seed)
 
-    @partial(jax.jit, static_argnames=("cell_emb_pass",), donate_argnums=(0, 1))
-    def train_step(params, opt_state, rest, batch, step, cell_emb_pass):
-        m = nnx.merge(graphdef, params, rest)
-        m.train()
-        nnx.reseed(m, dropout=jax.random.fold_in(base_key, step))  # dropout keys: f(seed, step)
-        (_, parts), grads = nnx.value_and_grad(lambda mod: pretraining_loss(mod, batch, cell_emb_pass),
-                                               has_aux=True)(m)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, parts, optax.tree.norm(grads)
+    train_step = make_train_step(graphdef, tx, base_key)
 
     @jax.jit
     def eval_step(params, rest, batch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from converters.formats import load_checkpoint
-from ricefm.shards.build import BuildOptions, build_dataset
+from ricefm.shards.build import build_dataset
 from ricefm_configs import tiny
 from ricefm_jax.params import state_dict
 from ricefm_jax.train import train as jax_train
@@ -121,3 +121,29 @@ def test_two_host_devices_equal_one(data_dir, init_checkpoint, tmp_path):
         runs[devices] = np.load(f"{out}.npz")
     for k in runs[1].files:
         np.testing.assert_allclose(runs[2][k], runs[1][k], atol=1e-5, rtol=0)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(data_dir, init_checkpoint, tmp_path):
+    import jax
+    big = jax_train(parity_config(data_dir, init_checkpoint, steps=3), tmp_path / "big", progress=False)
+    cfg = parity_config(data_dir, init_checkpoint, steps=3)
+    cfg.data.batch_size, cfg.optim.grad_accum_steps = 8, 2
+    accum = jax_train(cfg, tmp_path / "accum", progress=False)
+    for x, y in zip(jax.tree.leaves(big["params"]), jax.tree.leaves(accum["params"])):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5, rtol=0)
+
+
+def test_clear_errors(data_dir, init_checkpoint, tmp_path):
+    from ricefm.errors import RiceFMInputError
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    with pytest.raises(RiceFMInputError, match="not writable"):
+        jax_train(parity_config(data_dir, init_checkpoint), blocked / "sub", progress=False)
+    with pytest.raises(RiceFMInputError, match="not a riceFM dataset"):
+        jax_train(parity_config(tmp_path / "nowhere", init_checkpoint), tmp_path / "w", progress=False)
+    with pytest.raises(RiceFMInputError, match="no checkpoint"):
+        jax_train(parity_config(data_dir, init_checkpoint), tmp_path / "fresh", resume=True, progress=False)
+    cfg = parity_config(data_dir, init_checkpoint)
+    cfg.train.precision = "fp16"
+    with pytest.raises(RiceFMInputError, match="supports auto, fp32, bf16"):
+        jax_train(cfg, tmp_path / "w2", progress=False)
