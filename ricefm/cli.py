@@ -58,6 +58,18 @@ def _convert(args: argparse.Namespace) -> None:
           f"{sum(v.size for v in ckpt.state.values()):,} parameters, vocabulary {len(ckpt.vocab):,}")
 
 
+def _benchmark(args: argparse.Namespace) -> None:
+    from ricefm.evaluate.benchmark import markdown, run_benchmark
+    from ricefm.evaluate.datasets import resolve_dataset
+
+    dataset = resolve_dataset(args.dataset, args.label_key, args.batch_key)
+    backends = [b for b in args.backends.split(",") if b]
+    report = run_benchmark(args.checkpoint, dataset, backends, args.output, batch_size=args.batch_size,
+                           max_seq_len=args.max_seq_len, device=args.device, progress=not args.quiet)
+    print(markdown(report))
+    print(f"wrote {args.output}/report.json, report.md, umap.png")
+
+
 def make_parser() -> argparse.ArgumentParser:
     from ricefm.gene_maps import GENE_MAP_NAMES
     from ricefm.shards.build import DEFAULT_CELLS_PER_SHARD, DEFAULT_MIN_GENE_FRACTION
@@ -105,6 +117,19 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="new folder")
     c.add_argument("--to", required=True, choices=("seed", "torch", "flax"))
     c.set_defaults(func=_convert)
+
+    k = sub.add_parser("benchmark", help="zero-shot cell-type metrics (scib) per backend next to PCA; JSON + Markdown + PNG")
+    k.add_argument("--checkpoint", required=True)
+    k.add_argument("--dataset", required=True, help="rice_root | pbmc68k_reduced | path to an .h5ad")
+    k.add_argument("--label-key", default=None, help="obs column with cell types (registered datasets know theirs)")
+    k.add_argument("--batch-key", default=None)
+    k.add_argument("--backends", default="jax,torch")
+    k.add_argument("--output", default="benchmark_out")
+    k.add_argument("--batch-size", type=int, default=64)
+    k.add_argument("--max-seq-len", type=int, default=None)
+    k.add_argument("--device", default="auto")
+    k.add_argument("--quiet", action="store_true")
+    k.set_defaults(func=_benchmark)
     return p
 
 

@@ -1,0 +1,1 @@
+"""One evaluation suite for both backends: zero-shot clustering (scib), baselines, reports."""
