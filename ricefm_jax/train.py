@@ -16,10 +16,8 @@ path) go to ``OUT/tensorboard``, every logged step to ``OUT/metrics.jsonl``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,12 +40,12 @@ from ricefm.batching import (BatchStream, TokenSpec, collate_generative, pad_gen
                              steps_per_epoch)
 from ricefm.errors import RiceFMInputError
 from ricefm.shards import ShardedCells
+from ricefm.training import LOSS_NAMES, TrainLog, check_workdir, config_fingerprint, next_position
 from ricefm_jax.checkpoints import save_flax_model
 from ricefm_jax.model import RiceFM
 from ricefm_jax.objective import pretraining_loss
 from ricefm_jax.params import load_state_dict
 
-LOSS_NAMES = ("total", "mse", "mvc", "gen")
 BATCH_KEYS = ("pcpt_gene_ids", "pcpt_values", "pcpt_key_padding_mask", "gen_gene_ids", "gen_target_values",
               "gen_key_padding_mask", "mod_types")
 
@@ -62,11 +60,16 @@ def compute_dtype(precision: str):
     return table[precision]
 
 
+def lr_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to 0 (the published schedule, as the torch path's)."""
+    warmup = int(total_steps * cfg.optim.warmup_fraction)
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.optim.lr, warmup, max(total_steps, warmup + 1), 0.0)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
     if cfg.optim.schedule != "cosine":
         raise RiceFMInputError(f"--config.optim.schedule={cfg.optim.schedule!r}: only 'cosine' (with warmup) is supported")
-    warmup = int(total_steps * cfg.optim.warmup_fraction)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.optim.lr, warmup, max(total_steps, warmup + 1), 0.0)
+    schedule = lr_schedule(cfg, total_steps)
     parts = [optax.clip_by_global_norm(cfg.optim.grad_clip_norm)]
     if cfg.optim.weight_decay:
         parts.append(optax.add_decayed_weights(cfg.optim.weight_decay))  # L2 as torch Adam's weight_decay
@@ -93,22 +96,6 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, base_key: jax.Ar
     return train_step
 
 
-def _check_workdir(workdir: Path) -> None:
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise RiceFMInputError(f"--workdir {workdir}: not writable ({e.strerror}); choose a writable folder") from None
-
-
-def _config_fingerprint(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-    keep = cfg.to_dict()
-    keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("stop_at_step",)}
-    return json.loads(json.dumps(keep, default=str))
-
-
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path, resume: bool = False, progress: bool = True
           ) -> dict[str, Any]:
     """Run (or resume) pretraining; returns a summary of the run."""
@@ -117,7 +104,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, resume: bool = Fa
     workdir = Path(workdir).resolve()
     main_process = jax.process_index() == 0
     if main_process:
-        _check_workdir(workdir)
+        check_workdir(workdir)
     if not cfg.data.data_dir:
         raise RiceFMInputError("no data: set --config.data.data_dir=DIR (a dataset built by `ricefm build-data`)")
     ds = ShardedCells(cfg.data.data_dir)
@@ -172,7 +159,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, resume: bool = Fa
             params=ocp.args.StandardRestore(params), opt_state=ocp.args.StandardRestore(opt_state),
             meta=ocp.args.JsonRestore()))
         meta = restored["meta"]
-        if meta["config"] != _config_fingerprint(cfg):
+        if meta["config"] != config_fingerprint(cfg):
             raise RiceFMInputError(f"--resume: the config differs from the one {workdir} was trained with; "
                                    "resume with the same --config and overrides")
         if meta["vocab_sha256"] != vocab.sha256():
@@ -186,6 +173,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, resume: bool = Fa
 
         writer = SummaryWriter(str(workdir / "tensorboard"))
         write_json_atomic(workdir / "config.json", cfg.to_dict())
+    log = TrainLog(workdir, writer, cfg.train.log_every)
+    schedule = lr_schedule(cfg, total_steps)
 
     def validate() -> dict[str, float]:
         mine = valid_cells[rank::world]
@@ -205,7 +194,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, resume: bool = Fa
         if improved:
             best = valid["total"]
         meta = {"step": step, "epoch": epoch, "micro": micro, "best_valid": best, "vocab_sha256": vocab.sha256(),
-                "config": _config_fingerprint(cfg)}
+                "config": config_fingerprint(cfg)}
         manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                    opt_state=ocp.args.StandardSave(opt_state),
                                                    meta=ocp.args.JsonSave(meta)), force=True)
@@ -228,53 +217,31 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, resume: bool = Fa
     stop_at = min(total_steps, cfg.train.stop_at_step or total_steps)
     batches = iter(stream)
     bar = tqdm(total=total_steps, initial=step, unit="step", desc="ricefm_jax.train", disable=not (progress and main_process))
-    history: list[dict[str, float]] = []
-    t_last, cells_since = time.perf_counter(), 0
     try:
         while step < stop_at:
             sums, norm = np.zeros(len(LOSS_NAMES)), 0.0
             for _ in range(accum):
                 raw = next(batches)
-                lr = float(optax.warmup_cosine_decay_schedule(0.0, cfg.optim.lr, int(total_steps * cfg.optim.warmup_fraction),
-                                                              max(total_steps, int(total_steps * cfg.optim.warmup_fraction) + 1),
-                                                              0.0)(step))
                 params, opt_state, parts, gnorm = train_step(params, opt_state, rest, to_global(raw), step * accum + _,
                                                              cell_emb_pass=step >= cfg.train.cell_emb_pass_after)
                 sums += np.array([float(parts.get(k, 0.0)) for k in LOSS_NAMES]) / accum
                 norm = float(gnorm)
-                cells_since += len(raw["cell_index"]) * world
-                epoch, micro = int(raw["epoch"]), int(raw["step"]) + 1
-                if micro == stream.steps_per_epoch:
-                    epoch, micro = epoch + 1, 0
+                epoch, micro = next_position(raw, stream.steps_per_epoch)
+            lr = float(schedule(step))
             step += 1
-            record = {"step": step, **{f"loss_{k}": float(sums[i]) for i, k in enumerate(LOSS_NAMES)},
-                      "lr": lr, "grad_norm": norm}
-            history.append(record)
-            if step % cfg.train.log_every == 0 or step == stop_at:
-                now = time.perf_counter()
-                record["cells_per_s"] = cells_since / (now - t_last)
-                t_last, cells_since = now, 0
-                if writer is not None:
-                    for k, v in record.items():
-                        if k != "step":
-                            writer.add_scalar(f"train/{k}", v, step)
-                    with open(workdir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{record['loss_total']:.3f}", lr=f"{lr:.2e}")
+            record = log.step(step, sums, lr, norm, accum * per_process * world, last=step == stop_at)
+            bar.set_postfix(loss=f"{record['loss_total']:.3f}", lr=f"{lr:.2e}")
             bar.update(1)
             if step % cfg.train.checkpoint_every == 0 or step == stop_at:
                 valid = validate() if len(valid_cells) else {}
-                if writer is not None:
-                    for k, v in valid.items():
-                        writer.add_scalar(f"valid/loss_{k}", v, step)
+                log.validation(step, valid)
                 save(valid)
     finally:
         bar.close()
         batches.close()
         manager.close()
-        if writer is not None:
-            writer.close()
-    return {"steps": step, "total_steps": total_steps, "history": history, "best_valid": best,
+        log.close()
+    return {"steps": step, "total_steps": total_steps, "history": log.history, "best_valid": best,
             "devices": jax.device_count(), "processes": world, "attention": attention,
             "params": jax.device_get(params)}
 

@@ -15,11 +15,9 @@ every logged step to ``OUT/metrics.jsonl``.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +33,13 @@ from ricefm.atomic import write_json_atomic
 from ricefm.batching import BatchStream, TokenSpec, collate_generative, split_cells, steps_per_epoch
 from ricefm.errors import RiceFMInputError
 from ricefm.shards import ShardedCells
+from ricefm.training import LOSS_NAMES, TrainLog, check_workdir, config_fingerprint, next_position
 from ricefm_npu import devices
 from ricefm_npu.checkpoints import load_torch_checkpoint, save_native, save_published, strict_load
 from ricefm_npu.model import RiceFM
 from ricefm_npu.objective import PretrainingObjective
 
 STATE_FILE = "training_state.pt"
-LOSS_NAMES = ("total", "mse", "mvc", "gen")
 
 
 def cosine_with_warmup(total_steps: int, warmup_fraction: float):
@@ -60,16 +58,6 @@ def cosine_with_warmup(total_steps: int, warmup_fraction: float):
 def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.asarray(v)).to(device, non_blocking=True) for k, v in batch.items()
             if k not in ("epoch", "step", "gen_prob", "cell_index")}
-
-
-def _check_workdir(workdir: Path) -> None:
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise RiceFMInputError(f"--workdir {workdir}: not writable ({e.strerror}); choose a writable folder") from None
 
 
 class _Distributed:
@@ -133,20 +121,13 @@ def _save_dir_atomic(target: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _config_fingerprint(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What must not change across a resume (the run length fields may)."""
-    keep = cfg.to_dict()
-    keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("stop_at_step",)}
-    return json.loads(json.dumps(keep, default=str))
-
-
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "auto", resume: bool = False,
           progress: bool = True) -> dict[str, Any]:
     """Run (or resume) pretraining; returns a summary of the run."""
     workdir = Path(workdir)
     env = _Distributed(device)
     if env.main:
-        _check_workdir(workdir)
+        check_workdir(workdir)
     if not cfg.data.data_dir:
         raise RiceFMInputError("no data: pass --data DIR (a dataset built by `ricefm build-data`)")
     ds = ShardedCells(cfg.data.data_dir)
@@ -197,7 +178,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "au
         if saved_vocab.sha256() != vocab.sha256():
             raise RiceFMInputError(f"--resume: {latest} was trained on another vocabulary than {cfg.data.data_dir}")
         state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
-        if state["config"] != _config_fingerprint(cfg):
+        if state["config"] != config_fingerprint(cfg):
             raise RiceFMInputError(f"--resume: the config differs from the one {latest} was trained with; "
                                    "resume with the same --config and overrides")
         strict_load(model, saved.state_dict(), str(latest))
@@ -213,6 +194,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "au
 
         writer = SummaryWriter(str(workdir / "tensorboard"))
         write_json_atomic(workdir / "config.json", cfg.to_dict())
+    log = TrainLog(workdir, writer, cfg.train.log_every)
 
     def save(valid: dict[str, float]) -> None:
         nonlocal best
@@ -224,7 +206,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "au
                 save_native(d, model, cfg.model, vocab, cfg.data)
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "scaler": scaler.state_dict(), "rng": devices.rng_state(env.device), "step": step,
-                            "epoch": epoch, "micro": micro, "best_valid": best, "config": _config_fingerprint(cfg)},
+                            "epoch": epoch, "micro": micro, "best_valid": best, "config": config_fingerprint(cfg)},
                            d / STATE_FILE)
 
             _save_dir_atomic(latest, write_latest)
@@ -239,8 +221,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "au
     model.train()
     batches = iter(stream)
     bar = tqdm(total=total_steps, initial=step, unit="step", desc="ricefm_npu.train", disable=not (progress and env.main))
-    history: list[dict[str, float]] = []
-    t_last, cells_since = time.perf_counter(), 0
     try:
         while step < stop_at:
             sums = torch.zeros(len(LOSS_NAMES))
@@ -256,10 +236,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "au
                                                 denominator=denominator)
                     scaler.scale(loss / accum).backward()
                 sums += torch.tensor([float(parts.get(n, 0.0)) for n in LOSS_NAMES]) / accum
-                cells_since += len(raw["cell_index"]) * env.world_size
-                epoch, micro = int(raw["epoch"]), int(raw["step"]) + 1
-                if micro == stream.steps_per_epoch:
-                    epoch, micro = epoch + 1, 0
+                epoch, micro = next_position(raw, stream.steps_per_epoch)
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm))
             lr = optimizer.param_groups[0]["lr"]
@@ -269,33 +246,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "au
             scheduler.step()
             step += 1
             losses = env.sum(sums.double()) / env.world_size
-            record = {"step": step, **{f"loss_{n}": float(losses[i]) for i, n in enumerate(LOSS_NAMES)},
-                      "lr": lr, "grad_norm": grad_norm}
-            history.append(record)
-            if step % cfg.train.log_every == 0 or step == stop_at:
-                now = time.perf_counter()
-                record["cells_per_s"] = cells_since / (now - t_last)
-                t_last, cells_since = now, 0
-                if writer is not None:
-                    for k, v in record.items():
-                        if k != "step":
-                            writer.add_scalar(f"train/{k}", v, step)
-                    with open(workdir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{record['loss_total']:.3f}", lr=f"{lr:.2e}")
+            record = log.step(step, losses.numpy(), lr, grad_norm,
+                              accum * cfg.data.batch_size * env.world_size, last=step == stop_at)
+            bar.set_postfix(loss=f"{record['loss_total']:.3f}", lr=f"{lr:.2e}")
             bar.update(1)
             if step % cfg.train.checkpoint_every == 0 or step == stop_at:
                 valid = _validate(model, ds, valid_cells, tokens, cfg, env, autocast) if len(valid_cells) else {}
-                if writer is not None:
-                    for k, v in valid.items():
-                        writer.add_scalar(f"valid/loss_{k}", v, step)
+                log.validation(step, valid)
                 save(valid)
     finally:
         bar.close()
-        if writer is not None:
-            writer.close()
+        log.close()
         batches.close()
-    return {"steps": step, "total_steps": total_steps, "history": history, "best_valid": best,
+    return {"steps": step, "total_steps": total_steps, "history": log.history, "best_valid": best,
             "world_size": env.world_size, "device": str(env.device), "attention": attention}
 
 
