@@ -47,6 +47,11 @@ EMBEDDING_MODULES = frozenset({"encoder.embedding", "flag_encoder", "mod_encoder
 NORM_NAMES = frozenset({"enc_norm", "norm", "norm1", "norm2"})
 
 
+def _is_cls_decoder_norm(parts: tuple) -> bool:
+    """``cls_decoder._decoder`` repeats (Linear, ReLU, LayerNorm): every third entry is a norm."""
+    return len(parts) >= 3 and parts[-3:-1] == ("cls_decoder", "_decoder") and parts[-1] % 3 == 2
+
+
 def flax_path(key: str) -> tuple:
     """Inverse of :func:`torch_key`: ``transformer_encoder.layers.0.norm1.weight`` ->
     ``('transformer_encoder', 'layers', 0, 'norm1', 'scale')``."""
@@ -56,6 +61,6 @@ def flax_path(key: str) -> tuple:
         return (*parts, "bias")
     if parent in EMBEDDING_MODULES:
         return (*parts, "embedding")
-    if parts[-1] in NORM_NAMES:
+    if parts[-1] in NORM_NAMES or _is_cls_decoder_norm(parts):
         return (*parts, "scale")
     return (*parts, "kernel")

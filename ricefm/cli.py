@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from ricefm.errors import RiceFMInputError
@@ -59,15 +60,23 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _benchmark(args: argparse.Namespace) -> None:
+    from ricefm.evaluate.annotation import annotation_config
     from ricefm.evaluate.benchmark import markdown, run_benchmark
     from ricefm.evaluate.datasets import resolve_dataset
 
-    dataset = resolve_dataset(args.dataset, args.label_key, args.batch_key)
+    exclude = None if args.exclude_labels is None else tuple(x for x in args.exclude_labels.split(",") if x)
+    dataset = resolve_dataset(args.dataset, args.label_key, args.batch_key, exclude)
     backends = [b for b in args.backends.split(",") if b]
+    unknown = sorted(set(backends) - {"torch", "jax"})
+    if unknown or not backends:
+        raise RiceFMInputError(f"--backends {args.backends!r}: a comma-separated list of torch and jax")
+    annotation = annotation_config(args.annotation)
+    annotation.enabled = annotation.enabled and not args.no_annotation
     report = run_benchmark(args.checkpoint, dataset, backends, args.output, batch_size=args.batch_size,
-                           max_seq_len=args.max_seq_len, device=args.device, progress=not args.quiet)
+                           max_seq_len=args.max_seq_len, device=args.device, progress=not args.quiet,
+                           annotation=annotation)
     print(markdown(report))
-    print(f"wrote {args.output}/report.json, report.md, umap.png")
+    print(f"wrote {args.output}/: " + ", ".join(sorted(p.name for p in Path(args.output).iterdir())))
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -118,16 +127,22 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", required=True, choices=("seed", "torch", "flax"))
     c.set_defaults(func=_convert)
 
-    k = sub.add_parser("benchmark", help="zero-shot cell-type metrics (scib) per backend next to PCA; JSON + Markdown + PNG")
+    k = sub.add_parser("benchmark", help="zero-shot scib metrics and annotation fine-tuning per backend next to PCA; "
+                                            "JSON + Markdown + PNG")
     k.add_argument("--checkpoint", required=True)
     k.add_argument("--dataset", required=True, help="rice_root | pbmc68k_reduced | path to an .h5ad")
     k.add_argument("--label-key", default=None, help="obs column with cell types (registered datasets know theirs)")
     k.add_argument("--batch-key", default=None)
+    k.add_argument("--exclude-labels", default=None, metavar="A,B",
+                   help="labels left out of all metrics (registered datasets know theirs, e.g. unlabeled)")
     k.add_argument("--backends", default="jax,torch")
     k.add_argument("--output", default="benchmark_out")
     k.add_argument("--batch-size", type=int, default=64)
     k.add_argument("--max-seq-len", type=int, default=None)
     k.add_argument("--device", default="auto")
+    k.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of configs/annotation.py (repeatable), e.g. freeze_encoder=true, seeds=0,1,2")
+    k.add_argument("--no-annotation", action="store_true", help="zero-shot metrics only (no fine-tuning)")
     k.add_argument("--quiet", action="store_true")
     k.set_defaults(func=_benchmark)
     return p

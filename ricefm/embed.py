@@ -19,12 +19,11 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from ricefm.batching import TokenSpec, collate_pcpt
-from ricefm.binning import bin_cells
+from ricefm.batching import TokenSpec
+from ricefm.cells import TokenizedCells
 from ricefm.errors import RiceFMInputError
 from ricefm.gene_maps import load_gene_map
 from ricefm.shards.gene_space import VocabMapping, modality_codes, translated_genes
-from ricefm.shards.reader import CellBatch
 from ricefm.shards.sources import H5adSource
 from ricefm.vocab import GeneVocab
 
@@ -66,18 +65,12 @@ def embed_cells(embedder: Embedder, src: H5adSource, mapping: VocabMapping, moda
     with tqdm(total=src.n_obs, unit="cell", desc="embed", disable=not progress) as bar:
         for lo in range(0, src.n_obs, BLOCK_CELLS):
             hi = min(lo + BLOCK_CELLS, src.n_obs)
-            mapped = mapping.apply(src.read_rows(lo, hi))
-            lengths = np.diff(mapped.indptr).astype(np.int64)
-            empty += int((lengths == 0).sum())
-            flat = {"gene_ids": mapped.indices.astype(np.int32), "values": mapped.data,
-                    "bins": bin_cells(mapped.indptr, mapped.data)}
-            for b in range(0, hi - lo, batch_size):
-                s, e = b, min(b + batch_size, hi - lo)
-                p0, p1 = mapped.indptr[s], mapped.indptr[e]
-                cells = CellBatch(indices=np.arange(lo + s, lo + e), lengths=lengths[s:e], modality=modality[lo + s:lo + e],
-                                  arrays={k: v[p0:p1] for k, v in flat.items()})
-                out[lo + s:lo + e] = embedder.embed(collate_pcpt(cells, tokens, max_seq_len, selection=selection))
-                bar.update(e - s)
+            cells = TokenizedCells.from_mapped(mapping.apply(src.read_rows(lo, hi)), modality[lo:hi], index_offset=lo)
+            empty += int((cells.lengths == 0).sum())
+            for s in range(0, hi - lo, batch_size):
+                rows = np.arange(s, min(s + batch_size, hi - lo))
+                out[lo + rows] = embedder.embed(cells.batch(rows, tokens, max_seq_len, selection))
+                bar.update(len(rows))
     return out, empty
 
 

@@ -166,12 +166,29 @@ class MVCDecoder(nnx.Module):
         return jnp.einsum("bld,bd->bl", self.W(jax.nn.sigmoid(self.gene2query(gene_embs))), cell_emb)
 
 
+class ClsDecoder(nnx.Module):
+    """Cell-type head on the cell embedding: (Linear -> ReLU -> LayerNorm) x (n_layers - 1) -> Linear."""
+
+    def __init__(self, d_model: int, n_cls: int, n_layers: int, eps: float, dtype, rngs: nnx.Rngs):
+        # list positions 0, 2 / 3, 5 ... as in the torch ModuleList (1, 4, ... are its ReLUs)
+        self._decoder = nnx.List([m for _ in range(n_layers - 1) for m in (
+            nnx.Linear(d_model, d_model, dtype=dtype, rngs=rngs), None, _layer_norm(d_model, eps, dtype, rngs))])
+        self.out_layer = nnx.Linear(d_model, n_cls, dtype=dtype, rngs=rngs)
+
+    def __call__(self, cell_emb: jax.Array) -> jax.Array:
+        x = cell_emb
+        for i in range(0, len(self._decoder), 3):
+            x = self._decoder[i + 2](jax.nn.relu(self._decoder[i](x)))
+        return self.out_layer(x)
+
+
 class RiceFM(nnx.Module):
     """riceFM (scGPT-style generator): continuous value input, <cls> cell embedding, MVC head."""
 
     def __init__(self, vocab_size: int, d_model: int = 256, n_heads: int = 4, n_layers: int = 6, d_hid: int = 256,
                  dropout: float = 0.2, max_value: float = 512.0, layer_norm_eps: float = 1e-5, n_modalities: int = 2,
-                 attention: str = "math", dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+                 attention: str = "math", dtype=jnp.float32, rngs: nnx.Rngs | None = None, n_cls: int = 1,
+                 n_layers_cls: int = 3):
         rngs = rngs or nnx.Rngs(0)
         self.d_model = d_model
         self.encoder = GeneEncoder(vocab_size, d_model, layer_norm_eps, dtype, rngs)
@@ -183,15 +200,18 @@ class RiceFM(nnx.Module):
                                                     dtype=dtype)
         self.decoder = ExprDecoder(d_model, dtype, rngs)
         self.mvc_decoder = MVCDecoder(d_model, dtype, rngs)
+        if n_cls > 1:  # as published: n_cls = 1 means no classification head
+            self.cls_decoder = ClsDecoder(d_model, n_cls, n_layers_cls, layer_norm_eps, dtype, rngs)
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int, attention: str | None = None,
-                    dtype=jnp.float32, seed: int = 0) -> "RiceFM":
+                    dtype=jnp.float32, seed: int = 0, n_cls: int = 1) -> "RiceFM":
         attention = attention or model.attention
         return cls(vocab_size=vocab_size, d_model=model.d_model, n_heads=model.n_heads, n_layers=model.n_layers,
                    d_hid=model.d_hid, dropout=model.dropout, max_value=model.max_value,
                    layer_norm_eps=model.layer_norm_eps, n_modalities=model.n_modalities,
-                   attention="math" if attention == "auto" else attention, dtype=dtype, rngs=nnx.Rngs(seed))
+                   attention="math" if attention == "auto" else attention, dtype=dtype, rngs=nnx.Rngs(seed),
+                   n_cls=n_cls, n_layers_cls=int(model.get("n_layers_cls", 3)))
 
     def set_attention(self, name: str) -> None:
         get_attention(name)
@@ -220,6 +240,8 @@ class RiceFM(nnx.Module):
                 out["layer_outputs"].append((pcpt, gen))
         cell_emb = pcpt[:, 0]
         out.update(pcpt_transformer_out=pcpt, cell_emb=cell_emb, pcpt_preds=self.decoder(pcpt))
+        if hasattr(self, "cls_decoder"):
+            out["cls_output"] = self.cls_decoder(cell_emb)
         if gen is not None:
             out.update(gen_transformer_out=gen, gen_preds=self.decoder(gen))
         if do_mvc:

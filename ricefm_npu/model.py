@@ -161,6 +161,25 @@ class MVCDecoder(nn.Module):
         return torch.bmm(self.W(query), cell_emb.unsqueeze(2)).squeeze(2)
 
 
+class ClsDecoder(nn.Module):
+    """Cell-type head on the cell embedding: (Linear -> ReLU -> LayerNorm) x (n_layers - 1) -> Linear.
+
+    Names follow scGPT-style fine-tuned state dicts (``cls_decoder._decoder.0.weight``, ...)."""
+
+    def __init__(self, d_model: int, n_cls: int, n_layers: int = 3, eps: float = 1e-5):
+        super().__init__()
+        self._decoder = nn.ModuleList()
+        for _ in range(n_layers - 1):
+            self._decoder.extend([nn.Linear(d_model, d_model), nn.ReLU(), nn.LayerNorm(d_model, eps=eps)])
+        self.out_layer = nn.Linear(d_model, n_cls)
+
+    def forward(self, cell_emb: torch.Tensor) -> torch.Tensor:
+        x = cell_emb
+        for layer in self._decoder:
+            x = layer(x)
+        return self.out_layer(x)
+
+
 def _concrete(attention: str) -> str:
     """'auto' without a device at hand means SDPA; training/embedding pick per device first."""
     return "sdpa" if attention == "auto" else attention
@@ -171,7 +190,7 @@ class RiceFM(nn.Module):
 
     def __init__(self, vocab_size: int, d_model: int = 256, n_heads: int = 4, n_layers: int = 6, d_hid: int = 256,
                  dropout: float = 0.2, max_value: float = 512.0, layer_norm_eps: float = 1e-5,
-                 n_modalities: int = 2, attention: str = "math"):
+                 n_modalities: int = 2, attention: str = "math", n_cls: int = 1, n_layers_cls: int = 3):
         super().__init__()
         self.d_model = d_model
         self.encoder = GeneEncoder(vocab_size, d_model, layer_norm_eps)
@@ -182,14 +201,18 @@ class RiceFM(nn.Module):
                                                     dropout=dropout, eps=layer_norm_eps, attention=attention)
         self.decoder = ExprDecoder(d_model)
         self.mvc_decoder = MVCDecoder(d_model)
+        if n_cls > 1:  # as published: n_cls = 1 means no classification head
+            self.cls_decoder = ClsDecoder(d_model, n_cls, n_layers_cls, layer_norm_eps)
         nn.init.uniform_(self.encoder.embedding.weight, -0.1, 0.1)
 
     @classmethod
-    def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int, attention: str | None = None) -> "RiceFM":
+    def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int, attention: str | None = None,
+                    n_cls: int = 1) -> "RiceFM":
         return cls(vocab_size=vocab_size, d_model=model.d_model, n_heads=model.n_heads, n_layers=model.n_layers,
                    d_hid=model.d_hid, dropout=model.dropout, max_value=model.max_value,
                    layer_norm_eps=model.layer_norm_eps, n_modalities=model.n_modalities,
-                   attention=_concrete(attention or model.attention))
+                   attention=_concrete(attention or model.attention), n_cls=n_cls,
+                   n_layers_cls=int(model.get("n_layers_cls", 3)))
 
     def set_attention(self, name: str) -> None:
         get_attention(name)
@@ -219,6 +242,8 @@ class RiceFM(nn.Module):
                 out["layer_outputs"].append((pcpt, gen))
         cell_emb = pcpt[:, 0]
         out.update(pcpt_transformer_out=pcpt, cell_emb=cell_emb, pcpt_preds=self.decoder(pcpt))
+        if hasattr(self, "cls_decoder"):
+            out["cls_output"] = self.cls_decoder(cell_emb)
         if gen is not None:
             out.update(gen_transformer_out=gen, gen_preds=self.decoder(gen))
         if do_mvc:

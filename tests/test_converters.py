@@ -29,6 +29,10 @@ def test_name_table_is_the_flax_tree():
     m = RiceFM(123, d_model=64, n_heads=4, n_layers=2, d_hid=128)
     paths = [p for p, _ in nnx.to_flat_state(nnx.state(m, nnx.Param))]
     assert len(paths) == 46 and all(flax_path(torch_key(p)) == p for p in paths)
+    with_head = RiceFM(123, d_model=64, n_heads=4, n_layers=2, d_hid=128, n_cls=7, n_layers_cls=3)
+    paths = [p for p, _ in nnx.to_flat_state(nnx.state(with_head, nnx.Param))]
+    assert len(paths) == 56 and all(flax_path(torch_key(p)) == p for p in paths)
+    assert flax_path("cls_decoder._decoder.2.weight") == ("cls_decoder", "_decoder", 2, "scale")
 
 
 def test_seed_to_flax_to_seed_is_bit_exact(tmp_path, capsys):

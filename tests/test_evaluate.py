@@ -55,18 +55,41 @@ def small_rice(tmp_path_factory):
 def test_benchmark_writes_all_files_for_both_backends(small_rice, tmp_path, capsys):
     out = tmp_path / "report"
     rc = cli(["benchmark", "--checkpoint", str(small_rice / "ckpt"), "--dataset", str(small_rice / "rice300.h5ad"),
-              "--label-key", "celltype", "--backends", "jax,torch", "--output", str(out), "--device", "cpu", "--quiet"])
+              "--label-key", "celltype", "--exclude-labels", "unlabeled", "--backends", "jax,torch", "--output", str(out),
+              "--device", "cpu", "--quiet",
+              "--annotation", "max_epochs=2", "--annotation", "lr=0.001"])
     assert rc == 0
-    assert "| AvgBIO |" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "umap.png"]
+    printed = capsys.readouterr().out
+    assert "| AvgBIO |" in printed and "| macro_f1 |" in printed and "| Root hair |" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "report.json", "report.md", "umap.png"]
     r = json.loads((out / "report.json").read_text())
-    assert set(r["methods"]) == {"jax", "torch", "PCA"} and r["dataset"]["cells_evaluated"] == 300
+    n_labelled = int((ad.read_h5ad(small_rice / "rice300.h5ad").obs["celltype"] != "unlabeled").sum())
+    assert set(r["methods"]) == {"jax", "torch", "PCA"} and r["dataset"]["cells_evaluated"] == n_labelled < 300
     for m in r["methods"].values():
         assert 0 <= m["NMI"] <= 1 and -1 <= m["ARI"] <= 1 and 0 <= m["ASW"] <= 1
         assert m["AvgBIO"] == pytest.approx((m["NMI"] + m["ARI"] + m["ASW"]) / 3)
     assert r["agreement"]["cosine_min"] >= 0.99999 and r["agreement"]["max_abs_diff"] <= 1e-4
     assert r["methods"]["torch"]["cells_per_s"] > 0 and r["methods"]["jax"]["cells_per_s"] > 0
     assert (out / "umap.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    a = r["annotation"]
+    assert a["classes"] == ["Root cortex", "Root epidermis", "Root hair"] and a["excluded_classes"] == {}
+    assert set(a["methods"]) == {"jax", "torch", "PCA + LR"} and a["config"]["seeds"] == [0, 1, 2]
+    for name, m in a["methods"].items():
+        assert len(m["seeds"]) == 3 and [s["seed"] for s in m["seeds"]] == [0, 1, 2]
+        f1 = [s["macro_f1"] for s in m["seeds"]]
+        assert m["metrics"]["macro_f1"]["mean"] == pytest.approx(np.mean(f1))
+        assert m["metrics"]["macro_f1"]["sd"] == pytest.approx(np.std(f1, ddof=1))
+        assert np.sum(m["confusion_total"]) == sum(len(s["test_cells"]) for s in m["seeds"])
+        for s in m["seeds"]:
+            assert sum(c["support"] for c in s["per_class"].values()) == len(s["test_cells"])
+            assert s["accuracy"] == pytest.approx(np.trace(s["confusion"]) / len(s["test_cells"]))
+    for backend in ("jax", "torch"):
+        assert 1 <= a["methods"][backend]["seeds"][0]["epochs_run"] <= 2 and a["methods"][backend]["train_cells_per_s"] > 0
+    # the same seed gives the same split to every method
+    assert a["methods"]["jax"]["seeds"][1]["test_cells"] == a["methods"]["PCA + LR"]["seeds"][1]["test_cells"]
+    assert 0 <= a["agreement"]["same_test_prediction"] <= 1
+    assert a["methods"]["PCA + LR"]["metrics"]["accuracy"]["mean"] > 0.6  # the three types are separable
 
 
 def test_registered_datasets():
@@ -99,9 +122,38 @@ def test_bad_inputs_leave_no_output(small_rice, tmp_path, capsys):
     for i, ((checkpoint, dataset, label), message) in enumerate(cases):
         out = tmp_path / f"out{i}"
         rc = cli(["benchmark", "--checkpoint", checkpoint, "--dataset", dataset, "--label-key", label, "--backends",
-                  "torch", "--device", "cpu", "--output", str(out), "--quiet"])
+                  "torch", "--device", "cpu", "--output", str(out), "--quiet", "--no-annotation"])
         assert rc == 2, message
         assert message in capsys.readouterr().err
         assert not out.exists()
     assert cli(["benchmark", "--checkpoint", ckpt, "--dataset", data, "--output", str(tmp_path / "x"), "--quiet"]) == 2
     assert "pass --label-key" in capsys.readouterr().err
+    common = ["benchmark", "--checkpoint", ckpt, "--dataset", data, "--label-key", "celltype", "--output",
+              str(tmp_path / "y"), "--quiet", "--device", "cpu"]
+    assert cli(common + ["--backends", "torch,tf"]) == 2
+    assert "a comma-separated list of torch and jax" in capsys.readouterr().err
+    assert cli(common + ["--annotation", "min_cells_per_class=500"]) == 2  # no class has 500 cells
+    assert "annotation needs 2" in capsys.readouterr().err
+    assert cli(common + ["--annotation", "seeds"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
+
+def test_pbmc68k_reduced_runs_with_its_own_vocabulary(tmp_path):
+    """Nothing is rice-specific: human PBMCs (log-normalized .raw) with a vocabulary built from them."""
+    pbmc = resolve_dataset("pbmc68k_reduced")
+    vocab = GeneVocab.from_genes(ad.read_h5ad(pbmc.path, backed="r").var_names)
+    torch.manual_seed(0)
+    cfg = tiny.get_config()
+    save_native(tmp_path / "ckpt", RiceFM.from_config(cfg.model, len(vocab)), cfg.model, vocab, cfg.data)
+    out = tmp_path / "report"
+    assert cli(["benchmark", "--checkpoint", str(tmp_path / "ckpt"), "--dataset", "pbmc68k_reduced", "--backends",
+                "torch", "--device", "cpu", "--output", str(out), "--quiet", "--annotation", "max_epochs=1",
+                "--annotation", "seeds=0,1", "--annotation", "lr=0.001"]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["dataset"]["cells_evaluated"] == 700 and r["dataset"]["n_classes"] == 10
+    assert r["methods"]["PCA"]["NMI"] > 0.3  # real structure the baseline finds
+    a = r["annotation"]
+    assert a["cells"] + sum(a["excluded_classes"].values()) == 700 and len(a["classes"]) >= 8
+    assert a["methods"]["PCA + LR"]["metrics"]["accuracy"]["mean"] > 0.5
+    assert 0 <= a["methods"]["torch"]["metrics"]["macro_f1"]["mean"] <= 1

@@ -42,16 +42,18 @@ def _pbmc68k_reduced() -> EvalDataset:
 REGISTRY = {"rice_root": _rice_root, "pbmc68k_reduced": _pbmc68k_reduced}
 
 
-def resolve_dataset(name_or_path: str, label_key: str | None = None, batch_key: str | None = None) -> EvalDataset:
+def resolve_dataset(name_or_path: str, label_key: str | None = None, batch_key: str | None = None,
+                    exclude_labels: tuple[str, ...] | None = None) -> EvalDataset:
+    """A registered dataset (its keys unless overridden) or an h5ad path with its label key;
+    cells whose label is in ``exclude_labels`` (e.g. ``unlabeled``) are left out of all metrics."""
     if name_or_path in REGISTRY:
         ds = REGISTRY[name_or_path]()
-        if label_key and label_key != ds.label_key:
-            ds = EvalDataset(ds.name, ds.path, label_key, ds.batch_key, ds.exclude_labels)
-        return ds
+        return EvalDataset(ds.name, ds.path, label_key or ds.label_key, batch_key or ds.batch_key,
+                           ds.exclude_labels if exclude_labels is None else tuple(exclude_labels))
     path = Path(name_or_path)
     if not path.is_file():
         raise RiceFMInputError(f"--dataset {name_or_path!r}: neither a registered dataset "
                                f"({', '.join(REGISTRY)}) nor an existing .h5ad file")
     if not label_key:
         raise RiceFMInputError(f"--dataset {path}: pass --label-key (the obs column with cell types)")
-    return EvalDataset(path.stem, path, label_key, batch_key)
+    return EvalDataset(path.stem, path, label_key, batch_key, tuple(exclude_labels or ()))
