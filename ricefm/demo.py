@@ -1,7 +1,8 @@
 """End-to-end demo on the shipped rice root-tip data: build shards, stream training batches,
-pretrain the tiny model briefly with the torch backend, and embed the cells with it.
+pretrain the tiny model briefly with the torch backend, embed the cells with it, and run the
+evaluation suite (zero-shot scib metrics and annotation fine-tuning) with both backends.
 
-    python -m ricefm.demo --config configs/tiny.py --workdir demo_out [--train_steps 200] [--config.x=y]
+    python -m ricefm.demo --config configs/tiny.py --workdir demo_out [--train_steps 200] [--evaluate] [--config.x=y]
 
 The backends are imported only inside the steps that use them (the core imports neither).
 """
@@ -26,10 +27,14 @@ _REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(_REPO_CONFIGS / "tiny.py"), "ml-collections config file")
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "where the demo writes its dataset, checkpoints, embeddings")
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 200, "torch pretraining steps (0 = skip pretraining and embedding)")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 200, "torch pretraining steps (0 = skip pretraining and evaluation)")
+_EVALUATE = flags.DEFINE_boolean("evaluate", True, "run `ricefm benchmark` on the pretrained checkpoint")
+_BACKENDS = flags.DEFINE_list("backends", ["jax", "torch"], "backends the evaluation compares")
+DEMO_ANNOTATION = ("max_epochs=5",)  # half the default epochs: the demo stays a few minutes
 
 
-def run(config, workdir: Path, train_steps: int = 200) -> None:
+def run(config, workdir: Path, train_steps: int = 200, evaluate: bool = True,
+        backends: tuple[str, ...] = ("jax", "torch")) -> None:
     data_dir = workdir / "data"
     with resources.as_file(resources.files("ricefm.resources").joinpath(DEMO_H5AD)) as h5ad:
         manifest = build_dataset([h5ad], data_dir, options=BuildOptions(keep_obs=("celltype", "sample"),
@@ -58,6 +63,8 @@ def run(config, workdir: Path, train_steps: int = 200) -> None:
     print(f"cell types kept for evaluation: {len(cats)} ({', '.join(cats[:4])}, ...)")
     if train_steps > 0:
         pretrain_and_embed(config, workdir, data_dir, train_steps)
+        if evaluate:
+            benchmark(workdir, backends)
 
 
 def pretrain_and_embed(config, workdir: Path, data_dir: Path, train_steps: int) -> None:
@@ -82,10 +89,22 @@ def pretrain_and_embed(config, workdir: Path, data_dir: Path, train_steps: int) 
           f"({int(config.model.d_model)} dims)")
 
 
+def benchmark(workdir: Path, backends: tuple[str, ...]) -> None:
+    from ricefm.evaluate.annotation import annotation_config
+    from ricefm.evaluate.benchmark import markdown, run_benchmark
+    from ricefm.evaluate.datasets import resolve_dataset
+
+    out = workdir / "benchmark"
+    report = run_benchmark(workdir / "torch_run" / "best", resolve_dataset("rice_root"), list(backends), out,
+                           device="auto", annotation=annotation_config(DEMO_ANNOTATION))
+    print(markdown(report))
+    print(f"evaluation report, UMAPs and confusion matrices in {out}")
+
+
 def main(argv) -> None:
     del argv
     try:
-        run(_CONFIG.value, Path(_WORKDIR.value), _TRAIN_STEPS.value)
+        run(_CONFIG.value, Path(_WORKDIR.value), _TRAIN_STEPS.value, _EVALUATE.value, tuple(_BACKENDS.value))
     except RiceFMInputError as e:
         raise app.UsageError(str(e)) from None
 

@@ -29,6 +29,7 @@ from ricefm.vocab import GeneVocab
 
 OBSM_KEY = "X_ricefm"
 BLOCK_CELLS = 4096
+LENGTH_MULTIPLE = 32  # batch lengths rounded up: a compiled (XLA) backend sees few shapes
 
 
 class Embedder(Protocol):
@@ -69,7 +70,7 @@ def embed_cells(embedder: Embedder, src: H5adSource, mapping: VocabMapping, moda
             empty += int((cells.lengths == 0).sum())
             for s in range(0, hi - lo, batch_size):
                 rows = np.arange(s, min(s + batch_size, hi - lo))
-                out[lo + rows] = embedder.embed(cells.batch(rows, tokens, max_seq_len, selection))
+                out[lo + rows] = embedder.embed(cells.batch(rows, tokens, max_seq_len, selection, LENGTH_MULTIPLE))
                 bar.update(len(rows))
     return out, empty
 

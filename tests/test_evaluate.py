@@ -57,7 +57,7 @@ def test_benchmark_writes_all_files_for_both_backends(small_rice, tmp_path, caps
     rc = cli(["benchmark", "--checkpoint", str(small_rice / "ckpt"), "--dataset", str(small_rice / "rice300.h5ad"),
               "--label-key", "celltype", "--exclude-labels", "unlabeled", "--backends", "jax,torch", "--output", str(out),
               "--device", "cpu", "--quiet",
-              "--annotation", "max_epochs=2", "--annotation", "lr=0.001"])
+              "--annotation", "max_epochs=2"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| AvgBIO |" in printed and "| macro_f1 |" in printed and "| Root hair |" in printed
@@ -149,7 +149,7 @@ def test_pbmc68k_reduced_runs_with_its_own_vocabulary(tmp_path):
     out = tmp_path / "report"
     assert cli(["benchmark", "--checkpoint", str(tmp_path / "ckpt"), "--dataset", "pbmc68k_reduced", "--backends",
                 "torch", "--device", "cpu", "--output", str(out), "--quiet", "--annotation", "max_epochs=1",
-                "--annotation", "seeds=0,1", "--annotation", "lr=0.001"]) == 0
+                "--annotation", "seeds=0,1"]) == 0
     r = json.loads((out / "report.json").read_text())
     assert r["dataset"]["cells_evaluated"] == 700 and r["dataset"]["n_classes"] == 10
     assert r["methods"]["PCA"]["NMI"] > 0.3  # real structure the baseline finds

@@ -19,7 +19,8 @@ def test_backend_packages_import():
 
 def test_demo_runs_on_shipped_data(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ricefm.demo", f"--config={REPO / 'configs/tiny.py'}",
-                        f"--workdir={tmp_path}", "--config.data.batch_size=50", "--train_steps=30"],
+                        f"--workdir={tmp_path}", "--config.data.batch_size=50", "--train_steps=30",
+                        "--noevaluate"],  # the evaluation suite has its own tests (test_evaluate.py)
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "2,000 cells, 1,165,687 non-zero values" in r.stdout
