@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import anndata as ad
 import h5py
@@ -60,7 +60,6 @@ def embed_cells(embedder: Embedder, src: H5adSource, mapping: VocabMapping, moda
                 batch_size: int, max_seq_len: int, selection: str, progress: bool = True) -> tuple[np.ndarray, int]:
     """(n_obs, d_model) float32 embeddings of every cell of ``src``, and how many cells had no
     in-vocabulary gene (they are embedded from ``<cls>`` alone)."""
-    tokens = TokenSpec(embedder.vocab.pad_id, embedder.vocab.cls_id, float(embedder.model_config.pad_value))
     out = np.zeros((src.n_obs, int(embedder.model_config.d_model)), np.float32)
     empty = 0
     with tqdm(total=src.n_obs, unit="cell", desc="embed", disable=not progress) as bar:
@@ -68,11 +67,21 @@ def embed_cells(embedder: Embedder, src: H5adSource, mapping: VocabMapping, moda
             hi = min(lo + BLOCK_CELLS, src.n_obs)
             cells = TokenizedCells.from_mapped(mapping.apply(src.read_rows(lo, hi)), modality[lo:hi], index_offset=lo)
             empty += int((cells.lengths == 0).sum())
-            for s in range(0, hi - lo, batch_size):
-                rows = np.arange(s, min(s + batch_size, hi - lo))
-                out[lo + rows] = embedder.embed(cells.batch(rows, tokens, max_seq_len, selection, LENGTH_MULTIPLE))
-                bar.update(len(rows))
+            out[lo:hi] = embed_tokenized(embedder, cells, batch_size, max_seq_len, selection, bar.update)
     return out, empty
+
+
+def embed_tokenized(embedder: Embedder, cells: TokenizedCells, batch_size: int, max_seq_len: int, selection: str,
+                    on_batch: Callable[[int], Any] | None = None) -> np.ndarray:
+    """Embeddings of cells already in memory, in order, ``batch_size`` at a time."""
+    tokens = TokenSpec(embedder.vocab.pad_id, embedder.vocab.cls_id, float(embedder.model_config.pad_value))
+    out = np.zeros((len(cells), int(embedder.model_config.d_model)), np.float32)
+    for s in range(0, len(cells), batch_size):
+        rows = np.arange(s, min(s + batch_size, len(cells)))
+        out[rows] = embedder.embed(cells.batch(rows, tokens, max_seq_len, selection, LENGTH_MULTIPLE))
+        if on_batch is not None:
+            on_batch(len(rows))
+    return out
 
 
 def write_embeddings(input_path: Path, output_path: Path, emb: np.ndarray, info: dict[str, Any]) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ricefm.batching import GENERATIVE_INPUTS
+
 
 def masked_mse(pred, target, mask, denominator=None):
     """Sum of squared errors over ``mask`` / mask count (inputs masked first, as published)."""
@@ -20,9 +22,7 @@ def masked_mse(pred, target, mask, denominator=None):
 
 def pretraining_loss(model, batch: dict, cell_emb_pass: bool = True, denominator=None):
     """Loss of one generative batch and its components (for logging)."""
-    inputs = dict(pcpt_gene_ids=batch["pcpt_gene_ids"], pcpt_values=batch["pcpt_values"],
-                  pcpt_key_padding_mask=batch["pcpt_key_padding_mask"], mod_types=batch["mod_types"],
-                  gen_gene_ids=batch["gen_gene_ids"], gen_key_padding_mask=batch["gen_key_padding_mask"])
+    inputs = {k: batch[k] for k in GENERATIVE_INPUTS}
     target = batch["gen_target_values"]
     mask = ~batch["gen_key_padding_mask"]
     out = model(**inputs, do_mvc=True)

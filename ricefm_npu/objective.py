@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ricefm.batching import GENERATIVE_INPUTS
+
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                denominator: torch.Tensor | None = None) -> torch.Tensor:
@@ -25,9 +27,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
 def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor], cell_emb_pass: bool = True,
                      denominator: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one generative batch and its components (detached), e.g. for logging."""
-    inputs = dict(pcpt_gene_ids=batch["pcpt_gene_ids"], pcpt_values=batch["pcpt_values"],
-                  pcpt_key_padding_mask=batch["pcpt_key_padding_mask"], mod_types=batch["mod_types"],
-                  gen_gene_ids=batch["gen_gene_ids"], gen_key_padding_mask=batch["gen_key_padding_mask"])
+    inputs = {k: batch[k] for k in GENERATIVE_INPUTS}
     target = batch["gen_target_values"]
     mask = ~batch["gen_key_padding_mask"]
     out = model(**inputs, do_mvc=True)

@@ -4,6 +4,9 @@ standard PCA baseline (log1p-normalized, 2k HVGs, 50 PCs) computed from the same
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -26,15 +29,25 @@ def check_labels(labels: pd.Series, source: str, label_key: str) -> None:
                                "cells; cell-type metrics need at least 2")
 
 
+def _embedding_adata(embedding: np.ndarray) -> ad.AnnData:
+    """An AnnData with a zero X (scanpy wants one) and the embedding in obsm; string obs names avoid
+    anndata's index warning."""
+    n = len(embedding)
+    a = ad.AnnData(X=np.zeros((n, 1), np.float32), obs=pd.DataFrame(index=pd.Index(np.arange(n).astype(str))))
+    a.obsm["X_emb"] = np.asarray(embedding, np.float32)
+    return a
+
+
 def zero_shot_metrics(embedding: np.ndarray, labels: pd.Series, seed: int = 0) -> dict[str, float]:
     import scanpy as sc
     import scib
 
-    a = ad.AnnData(X=np.zeros((len(labels), 1), np.float32), obs=pd.DataFrame({"label": labels.astype("category").values}))
-    a.obsm["X_emb"] = np.asarray(embedding, np.float32)
+    a = _embedding_adata(embedding)
+    a.obs["label"] = labels.astype("category").values
     sc.pp.neighbors(a, use_rep="X_emb", random_state=seed)
-    scib.metrics.cluster_optimal_resolution(a, label_key="label", cluster_key="cluster", cluster_function=leiden,
-                                            metric=scib.metrics.nmi, use_rep="X_emb", verbose=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # scib prints a line per resolution even with verbose=False
+        scib.metrics.cluster_optimal_resolution(a, label_key="label", cluster_key="cluster", cluster_function=leiden,
+                                                metric=scib.metrics.nmi, use_rep="X_emb", verbose=False)
     nmi = float(scib.metrics.nmi(a, "cluster", "label"))
     ari = float(scib.metrics.ari(a, "cluster", "label"))
     asw = float(scib.metrics.silhouette(a, label_key="label", embed="X_emb", scale=True))
@@ -67,8 +80,7 @@ def umap_png(embeddings: dict[str, np.ndarray], labels: pd.Series, path, title: 
     colors = dict(zip(cats, plt.cm.tab20(np.linspace(0, 1, max(len(cats), 2)))))
     fig, axes = plt.subplots(1, len(embeddings), figsize=(5 * len(embeddings), 4.6), squeeze=False)
     for ax, (name, emb) in zip(axes[0], embeddings.items()):
-        a = ad.AnnData(X=np.zeros((len(labels), 1), np.float32))
-        a.obsm["X_emb"] = np.asarray(emb, np.float32)
+        a = _embedding_adata(emb)
         sc.pp.neighbors(a, use_rep="X_emb", random_state=0)
         sc.tl.umap(a, random_state=0)
         xy = a.obsm["X_umap"]
