@@ -14,7 +14,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ricefm.batching import BatchStream, TokenSpec, collate_pcpt
@@ -103,6 +103,7 @@ def benchmark(workdir: Path, backends: tuple[str, ...]) -> None:
 
 def main(argv) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)  # jax logs its platform probing (no TPU) at INFO
     try:
         run(_CONFIG.value, Path(_WORKDIR.value), _TRAIN_STEPS.value, _EVALUATE.value, tuple(_BACKENDS.value))
     except RiceFMInputError as e:

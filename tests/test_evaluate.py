@@ -85,7 +85,11 @@ def test_benchmark_writes_all_files_for_both_backends(small_rice, tmp_path, caps
             assert sum(c["support"] for c in s["per_class"].values()) == len(s["test_cells"])
             assert s["accuracy"] == pytest.approx(np.trace(s["confusion"]) / len(s["test_cells"]))
     for backend in ("jax", "torch"):
-        assert 1 <= a["methods"][backend]["seeds"][0]["epochs_run"] <= 2 and a["methods"][backend]["train_cells_per_s"] > 0
+        m = a["methods"][backend]
+        assert 1 <= m["seeds"][0]["epochs_run"] <= 2
+        assert m["train_cells_per_s"] > 0 and m["first_epoch_train_cells_per_s"] > 0
+        for s in m["seeds"]:  # every epoch trains on the whole train split: neither validation nor test cells
+            assert {h["train_cells"] for h in s["history"]} == {a["cells"] - len(s["test_cells"]) - s["valid_cells"]}
     # the same seed gives the same split to every method
     assert a["methods"]["jax"]["seeds"][1]["test_cells"] == a["methods"]["PCA + LR"]["seeds"][1]["test_cells"]
     assert 0 <= a["agreement"]["same_test_prediction"] <= 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -228,13 +229,15 @@ class AnnotationRun:
         bar = tqdm(range(int(cfg.max_epochs)), desc=f"fine-tune seed {seed}", unit="epoch", disable=not self.progress)
         for epoch in bar:
             order = split.train[_rng(seed, epoch, 0x7EA1).permutation(len(split.train))]
+            t0 = time.perf_counter()
             losses = [self.ft.train_step(self._batch(order[i:i + bs]), y[order[i:i + bs]], weights)
                       for i in range(0, len(order), bs)]
+            train_seconds = time.perf_counter() - t0
             val_logits = self.predict(split.valid)
             val_loss = weighted_cross_entropy(val_logits, y[split.valid], weights)
             val_f1 = classification_metrics(y[split.valid], val_logits.argmax(1), self.class_names)["macro_f1"]
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_loss": val_loss,
-                            "valid_macro_f1": val_f1})
+                            "valid_macro_f1": val_f1, "train_cells": len(order), "train_seconds": train_seconds})
             bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_f1=f"{val_f1:.3f}")
             if (val_f1, -val_loss) > (best[0], -best[1]):
                 best, best_snapshot, stale = (val_f1, val_loss), self.ft.snapshot(), 0
@@ -246,7 +249,7 @@ class AnnotationRun:
         pred = self.predict(split.test).argmax(1)
         best_epoch = max(range(len(history)), key=lambda e: (history[e]["valid_macro_f1"], -history[e]["valid_loss"]))
         return {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(history), "history": history,
-                "test_cells": split.test.tolist(), "test_pred": pred.tolist(),
+                "valid_cells": len(split.valid), "test_cells": split.test.tolist(), "test_pred": pred.tolist(),
                 **classification_metrics(y[split.test], pred, self.class_names)}
 
     def run(self) -> dict[str, Any]:
