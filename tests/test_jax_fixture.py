@@ -12,6 +12,7 @@ from ricefm_jax.objective import pretraining_loss
 from ricefm_jax.params import load_state_dict, state_dict
 
 from conftest import FIXTURES
+from reference_outputs import assert_generative_passes
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +45,7 @@ def test_forward_passes_and_layers(fixture_state, reference, attention):
     inputs = {k: v for k, v in b.items() if k != "gen_target_values"}
     o = m(**inputs, return_layers=True)
     o2 = m(**inputs, do_mvc=False, input_cell_emb=o["cell_emb"])
-    for k in ("pcpt_input_embs", "gen_input_embs", "pcpt_transformer_out", "gen_transformer_out", "pcpt_preds",
-              "gen_preds", "mvc_output", "cell_emb"):
-        close(o[k], reference[f"out/{k}"])
-    for i, (p, g) in enumerate(o["layer_outputs"]):
-        close(p, reference[f"out/layer{i}_pcpt_out"])
-        close(g, reference[f"out/layer{i}_gen_out"])
-    for k in ("pcpt_transformer_out", "gen_transformer_out", "pcpt_preds", "gen_preds", "cell_emb"):
-        close(o2[k], reference[f"out2/{k}"])
+    assert_generative_passes(o, o2, reference, np.asarray)
     inf = {k[len("infer_in/"):]: jnp.asarray(v) for k, v in reference.items() if k.startswith("infer_in/")}
     i = m(inf["gene_ids"], inf["values"], inf["key_padding_mask"], inf["mod_types"])
     close(i["cell_emb"], reference["infer/cell_emb"])
