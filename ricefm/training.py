@@ -1,18 +1,22 @@
-"""Backend-neutral pieces of the two trainers: workdir checks, the resume fingerprint, the data
-position after a batch, and the training log (TensorBoard scalars + metrics.jsonl)."""
+"""Backend-neutral pieces of the two trainers: workdir checks, the dataset and its train/validation
+cells, the resume fingerprint, the data position after a batch, and the training log (TensorBoard
+scalars + metrics.jsonl)."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from ricefm.batching import TokenSpec, split_cells
 from ricefm.errors import RiceFMInputError
+from ricefm.shards import ShardedCells
 
 LOSS_NAMES = ("total", "mse", "mvc", "gen")
 
@@ -25,6 +29,23 @@ def check_workdir(workdir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise RiceFMInputError(f"--workdir {workdir}: not writable ({e.strerror}); choose a writable folder") from None
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    cells: ShardedCells
+    tokens: TokenSpec
+    train_cells: np.ndarray
+    valid_cells: np.ndarray
+
+
+def open_training_data(cfg: ml_collections.ConfigDict, how_to_set_data: str) -> TrainingData:
+    """The config's dataset, its batch tokens and its seeded train/validation split."""
+    if not cfg.data.data_dir:
+        raise RiceFMInputError(f"no data: {how_to_set_data} (a dataset built by `ricefm build-data`)")
+    ds = ShardedCells(cfg.data.data_dir)
+    tokens = TokenSpec(pad_id=ds.vocab.pad_id, cls_id=ds.vocab.cls_id, pad_value=cfg.model.pad_value)
+    return TrainingData(ds, tokens, *split_cells(len(ds), cfg.data.valid_fraction, cfg.data.seed))
 
 
 def config_fingerprint(cfg: ml_collections.ConfigDict) -> dict[str, Any]:

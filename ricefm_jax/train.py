@@ -36,11 +36,10 @@ from tqdm.auto import tqdm
 
 from converters.formats import load_checkpoint
 from ricefm.atomic import write_json_atomic
-from ricefm.batching import (BatchStream, TokenSpec, collate_generative, pad_generative, split_cells,
-                             steps_per_epoch)
+from ricefm.batching import BatchStream, collate_generative, pad_generative, steps_per_epoch
 from ricefm.errors import RiceFMInputError
-from ricefm.shards import ShardedCells
-from ricefm.training import LOSS_NAMES, TrainLog, check_workdir, config_fingerprint, next_position
+from ricefm.training import (LOSS_NAMES, TrainLog, check_workdir, config_fingerprint, next_position,
+                             open_training_data)
 from ricefm_jax.checkpoints import save_flax_model
 from ricefm_jax.model import RiceFM
 from ricefm_jax.objective import pretraining_loss
@@ -105,12 +104,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, resume: bool = Fa
     main_process = jax.process_index() == 0
     if main_process:
         check_workdir(workdir)
-    if not cfg.data.data_dir:
-        raise RiceFMInputError("no data: set --config.data.data_dir=DIR (a dataset built by `ricefm build-data`)")
-    ds = ShardedCells(cfg.data.data_dir)
+    data = open_training_data(cfg, "set --config.data.data_dir=DIR")
+    ds, tokens, train_cells, valid_cells = data.cells, data.tokens, data.train_cells, data.valid_cells
     vocab = ds.vocab
-    tokens = TokenSpec(pad_id=vocab.pad_id, cls_id=vocab.cls_id, pad_value=cfg.model.pad_value)
-    train_cells, valid_cells = split_cells(len(ds), cfg.data.valid_fraction, cfg.data.seed)
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
     data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())

@@ -30,10 +30,11 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from ricefm.atomic import write_json_atomic
-from ricefm.batching import BatchStream, TokenSpec, collate_generative, split_cells, steps_per_epoch
+from ricefm.batching import BatchStream, TokenSpec, collate_generative, steps_per_epoch
 from ricefm.errors import RiceFMInputError
 from ricefm.shards import ShardedCells
-from ricefm.training import LOSS_NAMES, TrainLog, check_workdir, config_fingerprint, next_position
+from ricefm.training import (LOSS_NAMES, TrainLog, check_workdir, config_fingerprint, next_position,
+                             open_training_data)
 from ricefm_npu import devices
 from ricefm_npu.checkpoints import load_torch_checkpoint, save_native, save_published, strict_load
 from ricefm_npu.model import RiceFM
@@ -128,12 +129,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "au
     env = _Distributed(device)
     if env.main:
         check_workdir(workdir)
-    if not cfg.data.data_dir:
-        raise RiceFMInputError("no data: pass --data DIR (a dataset built by `ricefm build-data`)")
-    ds = ShardedCells(cfg.data.data_dir)
+    data = open_training_data(cfg, "pass --data DIR")
+    ds, tokens, train_cells, valid_cells = data.cells, data.tokens, data.train_cells, data.valid_cells
     vocab = ds.vocab
-    tokens = TokenSpec(pad_id=vocab.pad_id, cls_id=vocab.cls_id, pad_value=cfg.model.pad_value)
-    train_cells, valid_cells = split_cells(len(ds), cfg.data.valid_fraction, cfg.data.seed)
     accum = cfg.optim.grad_accum_steps
     micro_per_epoch = steps_per_epoch(len(train_cells), cfg.data.batch_size, env.world_size)
     if micro_per_epoch < accum:

@@ -141,6 +141,8 @@ def test_clear_errors(data_dir, init_checkpoint, tmp_path):
         jax_train(parity_config(data_dir, init_checkpoint), blocked / "sub", progress=False)
     with pytest.raises(RiceFMInputError, match="not a riceFM dataset"):
         jax_train(parity_config(tmp_path / "nowhere", init_checkpoint), tmp_path / "w", progress=False)
+    with pytest.raises(RiceFMInputError, match="no data: set --config.data.data_dir=DIR"):
+        jax_train(parity_config("", init_checkpoint), tmp_path / "w", progress=False)
     with pytest.raises(RiceFMInputError, match="no checkpoint"):
         jax_train(parity_config(data_dir, init_checkpoint), tmp_path / "fresh", resume=True, progress=False)
     cfg = parity_config(data_dir, init_checkpoint)

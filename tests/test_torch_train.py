@@ -100,6 +100,8 @@ def test_clear_errors(data_dir, tmp_path):
         train(config(data_dir), blocked / "sub", device="cpu", progress=False)
     with pytest.raises(RiceFMInputError, match="not a riceFM dataset"):
         train(config(tmp_path / "nowhere"), tmp_path / "w", device="cpu", progress=False)
+    with pytest.raises(RiceFMInputError, match="no data: pass --data DIR"):
+        train(config(""), tmp_path / "w", device="cpu", progress=False)
     if not torch.cuda.is_available():
         with pytest.raises(RiceFMInputError, match="no CUDA device"):
             train(config(data_dir), tmp_path / "w", device="cuda", progress=False)
