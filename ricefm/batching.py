@@ -120,12 +120,18 @@ def collate_generative(cells: CellBatch, tokens: TokenSpec, max_seq_len: int, ge
     ends = np.cumsum(cells.lengths).tolist()
     for i, (n, end) in enumerate(zip(cells.lengths.tolist(), ends)):
         genes, bins = all_genes[end - n:end], all_bins[end - n:end]
-        perm = np.argsort(keys[end - n:end])
         n_gen = int(n * gen_ratio)
-        # a prefix of a random permutation is a uniform random subset: the split and the
-        # sub-sampling of a too-long part come from the same draw
-        gen_sel = np.sort(perm[:min(n_gen, gen_len)])
-        pcpt_sel = np.sort(perm[n_gen:n_gen + min(n - n_gen, pcpt_len - 1)])
+        n_gen_kept, n_pcpt_kept = min(n_gen, gen_len), min(n - n_gen, pcpt_len - 1)
+        # ranks of the cell's keys are a uniformly random permutation; gen gets ranks
+        # [0, n_gen_kept), pcpt ranks [n_gen, n_gen + n_pcpt_kept): the split and the sub-sampling
+        # of a too-long part come from the same draw. Only these rank sets matter, so a partial
+        # sort at their boundaries replaces a full argsort; stored order is kept.
+        cuts = sorted({c for c in (n_gen_kept, n_gen, n_gen + n_pcpt_kept) if 0 < c < n})
+        by_rank = np.argpartition(keys[end - n:end], cuts) if cuts else np.arange(n)
+        part = np.zeros(n, np.int8)
+        part[by_rank[:n_gen_kept]] = 1
+        part[by_rank[n_gen:n_gen + n_pcpt_kept]] = 2
+        gen_sel, pcpt_sel = np.flatnonzero(part == 1), np.flatnonzero(part == 2)
         gen_ids[i, :len(gen_sel)] = genes[gen_sel]
         gen_vals[i, :len(gen_sel)] = bins[gen_sel]
         pcpt_ids[i, 1:1 + len(pcpt_sel)] = genes[pcpt_sel]
