@@ -187,3 +187,27 @@ def test_two_ranks_see_the_global_batch_of_one_process(demo_dataset):
            zip(h["cell_index"], h["gen_gene_ids"], h["pcpt_gene_ids"])}
     want = {int(c): (tuple(g), tuple(p)) for c, g, p in zip(one["cell_index"], one["gen_gene_ids"], one["pcpt_gene_ids"])}
     assert got == want  # same cells, same split, same padding length (all cells are longer than 200)
+
+
+@pytest.mark.parametrize("max_seq_len,ratio", [(64, 0.5), (16, 0.25), (16, 0.75), (8, 0.0), (1200, 0.99)])
+def test_generative_split_is_the_ranks_of_the_cell_keys(max_seq_len, ratio):
+    """The split's definition, so that batches stay the same across versions (resume relies on it):
+    ranking a cell's keys, gen takes ranks [0, min(n_gen, gen_len)), pcpt ranks
+    [n_gen, n_gen + min(n - n_gen, pcpt_len - 1)), each in stored order."""
+    from ricefm.batching import _cell_random_keys
+
+    rng = np.random.default_rng(7)
+    lengths = np.array([0, 1, 2, 5, 9, 30, 100, 3], np.int64)
+    genes = rng.permutation(5000)[:lengths.sum()].astype(np.int32)  # distinct ids: positions are recoverable
+    cells = CellBatch(indices=np.arange(40, 48), lengths=lengths, modality=np.zeros(8, np.int8),
+                      arrays={"gene_ids": genes, "bins": rng.integers(1, 51, lengths.sum()).astype(np.uint8)})
+    b = collate_generative(cells, TOK, max_seq_len, ratio, seed=3, epoch=2)
+    keys = _cell_random_keys(3, 2, cells)
+    gen_len, pcpt_len = b["gen_gene_ids"].shape[1], b["pcpt_gene_ids"].shape[1]
+    for i, (n, start) in enumerate(zip(lengths, np.concatenate([[0], np.cumsum(lengths)[:-1]]))):
+        rank_order = np.argsort(keys[start:start + n])
+        n_gen = int(n * ratio)
+        want_gen = genes[start + np.sort(rank_order[:min(n_gen, gen_len)])]
+        want_pcpt = genes[start + np.sort(rank_order[n_gen:n_gen + min(n - n_gen, pcpt_len - 1)])]
+        np.testing.assert_array_equal(b["gen_gene_ids"][i][~b["gen_key_padding_mask"][i]], want_gen)
+        np.testing.assert_array_equal(b["pcpt_gene_ids"][i][1:][~b["pcpt_key_padding_mask"][i][1:]], want_pcpt)
