@@ -12,8 +12,8 @@ import os
 import torch
 
 from ricefm.errors import RiceFMInputError
+from ricefm.precision import DEVICE_CHOICES, resolve_precision
 
-DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
 _DDP_BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
 
@@ -39,6 +39,8 @@ def resolve_device(requested: str = "auto", local_rank: int | None = None) -> to
     """auto prefers npu, then cuda, then cpu. The index is LOCAL_RANK, never hard-coded."""
     if requested not in DEVICE_CHOICES:
         raise RiceFMInputError(f"--device {requested!r}: choose one of {', '.join(DEVICE_CHOICES)}")
+    if requested == "tpu":
+        raise RiceFMInputError("--device tpu: the torch backend runs on npu, cuda or cpu; use --backend jax for TPUs")
     if local_rank is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     kind = requested
@@ -72,18 +74,13 @@ def default_attention(device: torch.device, dropout: float = 0.0) -> str:
 
 
 def amp_settings(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether a grad scaler is needed).
+    """(autocast dtype or None for fp32, whether a grad scaler is needed) for ``train.precision``.
 
-    auto: fp16 + grad scaler on NPU/CUDA, bf16 autocast on CPU.
+    ``auto`` resolves as for every backend (``ricefm.precision``): fp32 on CPU, bf16 on CUDA,
+    fp16 + grad scaler on NPU.
     """
-    if precision == "auto":
-        precision = "bf16" if device.type == "cpu" else "fp16"
-    table = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, device.type != "cpu")}
-    if precision not in table:
-        raise RiceFMInputError(f"--config.train.precision={precision!r}: choose auto, fp32, bf16 or fp16")
-    if precision == "fp16" and device.type == "cpu":
-        raise RiceFMInputError("--config.train.precision=fp16 needs an NPU or CUDA device; use bf16 or fp32 on CPU")
-    return table[precision]
+    resolved = resolve_precision(precision, device.type)
+    return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[resolved]
 
 
 def rng_state(device: torch.device) -> dict:
