@@ -34,7 +34,7 @@ def pretrain(data_dir: Path, run_dir: Path, steps: int, device: str) -> Path:
     cfg.data.max_seq_len = 256
     cfg.data.batch_size = 16
     cfg.train.max_steps = steps
-    cfg.train.eval_every = cfg.train.checkpoint_every = max(1, steps // 6)
+    cfg.train.checkpoint_every = max(1, steps // 6)
     summary = train(cfg, run_dir, device=device, resume=(run_dir / "checkpoints" / "latest").exists())
     print(f"pretrained {summary['steps']} steps; best validation loss {summary['best_valid']:.2f}")
     (run_dir / "done").write_text(f"{summary['steps']}\n")
@@ -51,10 +51,11 @@ def main() -> None:
                    help="annotation setting overrides, as for `ricefm benchmark` (e.g. max_epochs=2)")
     args = p.parse_args()
 
-    from ricefm.demo import DEMO_H5AD
     from ricefm.evaluate.annotation import annotation_config
-    from ricefm.evaluate.benchmark import markdown, run_benchmark
     from ricefm.evaluate.datasets import resolve_dataset
+    from ricefm.evaluate.report import markdown
+    from ricefm_cli.benchmark import run_benchmark
+    from ricefm_cli.demo import DEMO_H5AD
     from ricefm.shards.build import BuildOptions, build_dataset
 
     data_dir = args.workdir / "data"

@@ -11,8 +11,6 @@ config and the vocabulary — and written from it, so any format converts to any
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +19,9 @@ import numpy as np
 
 from converters.names import flax_path, to_flax_layout, to_torch_layout, torch_key
 from ricefm import published
-from ricefm.atomic import write_json_atomic
+from ricefm.atomic import staged_dir, write_json_atomic
 from ricefm.errors import RiceFMInputError
+from ricefm.init import parameter_shapes
 from ricefm.vocab import GeneVocab
 
 FORMATS = ("seed", "torch", "flax")
@@ -106,58 +105,74 @@ def _write_meta(path: Path, ckpt: Checkpoint, fmt_name: str) -> None:
     ckpt.vocab.save(path / published.VOCAB)
 
 
-def save_checkpoint(ckpt: Checkpoint, path: str | Path, fmt: str) -> None:
-    """Write ``ckpt`` as ``fmt`` into ``path`` (built under a temporary name, then renamed)."""
+def _published_order(ckpt: Checkpoint) -> dict[str, np.ndarray]:
+    """The state in the published state-dict order (``ricefm.init.parameter_shapes``); a state that
+    is not the published model's keeps its own order (strict loading reports it)."""
+    head = ckpt.state.get("cls_decoder.out_layer.weight")
+    order = list(parameter_shapes(ckpt.model, len(ckpt.vocab), 1 if head is None else int(head.shape[0])))
+    return {k: ckpt.state[k] for k in order} if set(order) == set(ckpt.state) else ckpt.state
+
+
+def write_checkpoint(ckpt: Checkpoint, folder: str | Path, fmt: str,
+                     data: ml_collections.ConfigDict | None = None) -> None:
+    """Write ``ckpt`` as ``fmt`` into ``folder`` (created if absent, written in place).
+
+    ``data`` is the training data config, when the weights come from a training run: its
+    ``max_seq_len`` is recorded as the training length (and, published, its batch settings in args.json).
+    """
+    if fmt not in FORMATS:
+        raise RiceFMInputError(f"--to {fmt!r}: choose one of {', '.join(FORMATS)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if data is not None:
+        model = ml_collections.ConfigDict(ckpt.model.to_dict())
+        model["max_seq_len"] = int(data.max_seq_len)
+        ckpt = Checkpoint(ckpt.state, model, ckpt.vocab, ckpt.format)
+    if fmt == "seed":
+        import collections
+
+        import torch
+
+        state = _published_order(ckpt)
+        sd = collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state.items())
+        torch.save(sd, folder / published.WEIGHTS)
+        write_json_atomic(folder / published.ARGS, published.args_from_config(ckpt.model, data))
+        ckpt.vocab.save(folder / published.VOCAB)
+    elif fmt == "torch":
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in ckpt.state.items()}, folder / SAFETENSORS)
+        _write_meta(folder, ckpt, TORCH_FORMAT)
+    else:
+        import orbax.checkpoint as ocp
+
+        tree: dict = {}
+        for key, value in ckpt.state.items():
+            p = flax_path(key)
+            node = tree
+            for part in p[:-1]:
+                node = node.setdefault(str(part), {})
+            node[p[-1]] = to_flax_layout(p, np.asarray(value))
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save((folder / PARAMS).resolve(), tree)
+        checkpointer.wait_until_finished()
+        _write_meta(folder, ckpt, FLAX_FORMAT)
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | Path, fmt: str,
+                    data: ml_collections.ConfigDict | None = None) -> None:
+    """Write ``ckpt`` as ``fmt`` to ``path``, a new or empty folder, swapped in only when complete."""
     if fmt not in FORMATS:
         raise RiceFMInputError(f"--to {fmt!r}: choose one of {', '.join(FORMATS)}")
     path = Path(path)
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise RiceFMInputError(f"{path}: exists and is not empty; choose a new destination")
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        if fmt == "seed":
-            import collections
-
-            import torch
-
-            from ricefm_npu.model import RiceFM
-
-            order = list(RiceFM.from_config(ckpt.model, len(ckpt.vocab)).state_dict())  # the published key order
-            state = ckpt.state if set(order) != set(ckpt.state) else {k: ckpt.state[k] for k in order}
-            sd = collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state.items())
-            torch.save(sd, tmp / published.WEIGHTS)
-            write_json_atomic(tmp / published.ARGS, published.args_from_config(ckpt.model))
-            ckpt.vocab.save(tmp / published.VOCAB)
-        elif fmt == "torch":
-            from safetensors.numpy import save_file
-
-            save_file({k: np.ascontiguousarray(v) for k, v in ckpt.state.items()}, tmp / SAFETENSORS)
-            _write_meta(tmp, ckpt, TORCH_FORMAT)
-        else:
-            import orbax.checkpoint as ocp
-
-            tree: dict = {}
-            for key, value in ckpt.state.items():
-                p = flax_path(key)
-                node = tree
-                for part in p[:-1]:
-                    node = node.setdefault(str(part), {})
-                node[p[-1]] = to_flax_layout(p, np.asarray(value))
-            checkpointer = ocp.StandardCheckpointer()
-            checkpointer.save((tmp / PARAMS).resolve(), tree)
-            checkpointer.wait_until_finished()
-            _write_meta(tmp, ckpt, FLAX_FORMAT)
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_dir(path) as folder:
+        write_checkpoint(ckpt, folder, fmt, data)
 
 
 def convert(src: str | Path, dst: str | Path, to: str) -> Checkpoint:
+    """``ricefm convert``: any format to ``to``, exactly (names and layout by ``converters.names``)."""
     ckpt = load_checkpoint(src)
     save_checkpoint(ckpt, dst, to)
     return ckpt

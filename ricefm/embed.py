@@ -12,48 +12,29 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import anndata as ad
 import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from ricefm.backends import Embedder, get_backend
 from ricefm.batching import TokenSpec
 from ricefm.cells import TokenizedCells
 from ricefm.errors import RiceFMInputError
 from ricefm.gene_maps import load_gene_map
 from ricefm.shards.gene_space import VocabMapping, modality_codes, translated_genes
 from ricefm.shards.sources import H5adSource
-from ricefm.vocab import GeneVocab
 
 OBSM_KEY = "X_ricefm"
 BLOCK_CELLS = 4096
 LENGTH_MULTIPLE = 32  # batch lengths rounded up: a compiled (XLA) backend sees few shapes
 
 
-class Embedder(Protocol):
-    """What a backend provides: its vocabulary, model config, and embeddings of a pcpt batch."""
-
-    vocab: GeneVocab
-    model_config: Any
-    description: str
-
-    def embed(self, batch: dict[str, np.ndarray]) -> np.ndarray: ...
-
-
 def load_embedder(backend: str, checkpoint: str | Path, device: str = "auto") -> Embedder:
-    if backend == "torch":
-        from ricefm_npu.embed import TorchEmbedder
-
-        return TorchEmbedder(checkpoint, device=device)
-    if backend == "jax":
-        try:
-            from ricefm_jax.embed import JaxEmbedder
-        except ImportError as e:
-            raise RiceFMInputError(f"--backend jax needs the jax extra (pip install 'ricefm[jax]'): {e}") from None
-        return JaxEmbedder(checkpoint)
-    raise RiceFMInputError(f"--backend {backend!r}: choose torch or jax")
+    """The named backend's embedder for ``checkpoint`` on ``device`` (through ``ricefm.backends``)."""
+    return get_backend(backend).load_embedder(checkpoint, device=device)
 
 
 def embed_cells(embedder: Embedder, src: H5adSource, mapping: VocabMapping, modality: np.ndarray,

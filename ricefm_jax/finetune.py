@@ -1,7 +1,8 @@
 """Cell-type annotation fine-tuning with the Flax model (the backend side of
 ``ricefm.evaluate.annotation``), mirroring ``ricefm_npu/finetune.py``: the checkpoint's encoder
 plus a classification head on the cell embedding, a jit-compiled step with optax (clipping, Adam,
-per-epoch decay), fp32, the encoder optionally frozen (gradients only for ``cls_decoder``)."""
+per-epoch decay), fp32, the encoder optionally frozen (gradients only for ``cls_decoder``). The
+weights, optimizer state and batches live on the ``device`` chosen as for torch (``ricefm_jax.devices``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from flax import nnx
 
 from converters.formats import load_checkpoint
 from ricefm.evaluate.annotation import lr_factor
+from ricefm_jax import devices
+from ricefm_jax.backend import device_description
 from ricefm_jax.model import RiceFM
 from ricefm_jax.params import load_state_dict
 
@@ -25,11 +28,12 @@ INPUTS = ("gene_ids", "values", "key_padding_mask", "mod_types")
 
 
 class JaxFinetuner:
-    def __init__(self, checkpoint: str | Path, attention: str = "math"):
+    def __init__(self, checkpoint: str | Path, device: str = "auto", attention: str = "math"):
+        self.device = devices.resolve_devices(device)[0]
         ckpt = load_checkpoint(checkpoint)
         self.state, self.model_config, self.vocab, self.source = ckpt.state, ckpt.model, ckpt.vocab, str(checkpoint)
         self.attention = attention
-        self.description = f"jax {jax.__version__} on {jax.devices()[0].platform}"
+        self.description = device_description(self.device)
         self._compiled: dict[tuple, tuple] = {}
 
     def start(self, head: dict[str, np.ndarray], n_classes: int, cfg: ml_collections.ConfigDict,
@@ -39,24 +43,28 @@ class JaxFinetuner:
         model = RiceFM.from_config(model_cfg, len(self.vocab), attention=self.attention, seed=seed, n_cls=n_classes)
         load_state_dict(model, {**self.state, **head}, self.source)
         freeze = bool(cfg.freeze_encoder)
-        graphdef, self.params, self.fixed, self.rest = nnx.split(model, _trainable(freeze), nnx.Param, ...)
+        graphdef, *parts = nnx.split(model, _trainable(freeze), nnx.Param, ...)
+        self.params, self.fixed, self.rest = jax.device_put(parts, self.device)
         settings = (graphdef, freeze, float(cfg.lr), float(cfg.lr_decay_per_epoch), float(cfg.grad_clip_norm),
                     steps_per_epoch)
         if settings not in self._compiled:  # seeds share one compilation
             self._compiled[settings] = _compile(*settings)
         self._train_step, self._logits, tx = self._compiled[settings]
-        self.opt_state, self.step, self.base_key = tx.init(self.params), 0, jax.random.key(seed)
+        self.opt_state, self.step = tx.init(self.params), 0
+        self.base_key = jax.device_put(jax.random.key(seed), self.device)
 
     def train_step(self, batch: dict[str, np.ndarray], labels: np.ndarray, weights: np.ndarray) -> float:
-        inputs = {k: batch[k] for k in INPUTS}
+        inputs, labels, weights = jax.device_put(({k: batch[k] for k in INPUTS}, labels.astype(np.int32), weights),
+                                                 self.device)
         self.params, self.opt_state, loss = self._train_step(self.params, self.opt_state, self.fixed, self.rest,
-                                                             inputs, labels.astype(np.int32), weights, self.base_key,
+                                                             inputs, labels, weights, self.base_key,
                                                              self.step)
         self.step += 1
         return float(loss)
 
     def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        return np.asarray(self._logits(self.params, self.fixed, self.rest, {k: batch[k] for k in INPUTS}), np.float32)
+        inputs = jax.device_put({k: batch[k] for k in INPUTS}, self.device)
+        return np.asarray(self._logits(self.params, self.fixed, self.rest, inputs), np.float32)
 
     def snapshot(self) -> Any:
         return self.params  # immutable arrays: holding the reference is a snapshot

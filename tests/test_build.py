@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 from ricefm.binning import bin_cell
-from ricefm.cli import main as cli
+from ricefm_cli.cli import main as cli
 from ricefm.shards import ShardedCells, sources
 from ricefm.shards.build import BuildOptions, build_dataset
 from ricefm.vocab import GeneVocab

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from ricefm.cli import main as cli
+from ricefm_cli.cli import main as cli
 from ricefm.shards.build import BuildOptions, build_dataset
 
 from conftest import gene_names, random_counts, write_h5ad

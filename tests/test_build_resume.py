@@ -52,7 +52,7 @@ def test_killed_build_resumes_to_identical_bytes(tmp_path, source, kill_after, c
     partial = load_manifest(tmp_path / "ds.partial", require_complete=False)
     assert not partial.complete
     assert sum(s["complete"] for s in partial.shards) == complete_before
-    assert (tmp_path / "ds.partial" / f"shard-{complete_before:05d}.tmp").is_dir()  # the shard it was killed in
+    assert (tmp_path / "ds.partial" / f".shard-{complete_before:05d}.tmp").is_dir()  # the shard it was killed in
     r = _build_in_subprocess(src, vocab, out)
     assert r.returncode == 0, r.stderr.decode()
     assert not (tmp_path / "ds.partial").exists()

@@ -10,7 +10,7 @@ from flax import nnx
 
 from converters.formats import detect_format, load_checkpoint
 from converters.names import flax_path, torch_key
-from ricefm.cli import main as cli
+from ricefm_cli.cli import main as cli
 from ricefm.errors import RiceFMInputError
 from ricefm_jax.checkpoints import load_flax_model
 from ricefm_jax.model import RiceFM

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 import ricefm.embed as embed_mod
-from ricefm.cli import main as cli
+from ricefm_cli.cli import main as cli
 from ricefm.embed import embed_h5ad, load_embedder
 from ricefm.vocab import GeneVocab
 from ricefm_npu.checkpoints import load_published, save_native

@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from ricefm.cli import main as cli
+from ricefm_cli.cli import main as cli
 from ricefm.errors import RiceFMInputError
 from ricefm.evaluate.clustering import zero_shot_metrics
 from ricefm.evaluate.datasets import resolve_dataset
@@ -98,7 +98,7 @@ def test_benchmark_writes_all_files_for_both_backends(small_rice, tmp_path, caps
 
 def test_registered_datasets():
     rice = resolve_dataset("rice_root")
-    assert (rice.label_key, rice.batch_key, rice.exclude_labels) == ("celltype", "sample", ("unlabeled",))
+    assert (rice.label_key, rice.exclude_labels) == ("celltype", ("unlabeled",))
     pbmc = resolve_dataset("pbmc68k_reduced")
     a = ad.read_h5ad(pbmc.path)
     assert a.n_obs == 700 and pbmc.label_key == "bulk_labels" and a.X.min() >= 0  # the log-normalized .raw

@@ -5,7 +5,8 @@ from conftest import REPO
 
 
 def test_core_imports_neither_jax_nor_torch():
-    code = ("import sys, ricefm.batching, ricefm.shards.build, ricefm.cli, ricefm.binning, ricefm.vocab; "
+    code = ("import sys, ricefm.batching, ricefm.shards.build, ricefm_cli.cli, ricefm.binning, ricefm.vocab, "
+            "ricefm.backends, ricefm.embed, ricefm.evaluate.annotation, ricefm.evaluate.report; "
             "bad = [m for m in ('jax', 'torch', 'flax') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -18,7 +19,7 @@ def test_backend_packages_import():
 
 
 def test_demo_runs_on_shipped_data(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ricefm.demo", f"--config={REPO / 'configs/tiny.py'}",
+    r = subprocess.run([sys.executable, "-m", "ricefm_cli.demo", f"--config={REPO / 'configs/tiny.py'}",
                         f"--workdir={tmp_path}", "--config.data.batch_size=50", "--train_steps=30",
                         "--noevaluate"],  # the evaluation suite has its own tests (test_evaluate.py)
                        capture_output=True, text=True, cwd=tmp_path)

@@ -13,17 +13,17 @@ import ast
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ricefm.backends import Finetuner, get_backend
 from ricefm.batching import TokenSpec
 from ricefm.cells import TokenizedCells
 from ricefm.errors import RiceFMInputError
-from ricefm.vocab import GeneVocab
 
 METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 
@@ -167,36 +167,9 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: 
             "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist()}
 
 
-class Finetuner(Protocol):
-    """What a backend provides for annotation."""
-
-    vocab: GeneVocab
-    model_config: Any
-    description: str
-
-    def start(self, head: dict[str, np.ndarray], n_classes: int, cfg: ml_collections.ConfigDict,
-              steps_per_epoch: int, seed: int) -> None:
-        """A fresh model: the checkpoint's weights plus ``head``, a new optimizer, dropout seeded."""
-
-    def train_step(self, batch: dict[str, np.ndarray], labels: np.ndarray, weights: np.ndarray) -> float: ...
-
-    def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray: ...
-
-    def snapshot(self) -> Any: ...
-
-    def restore(self, snapshot: Any) -> None: ...
-
-
 def load_finetuner(backend: str, checkpoint, device: str = "auto") -> Finetuner:
-    if backend == "torch":
-        from ricefm_npu.finetune import TorchFinetuner
-
-        return TorchFinetuner(checkpoint, device=device)
-    if backend == "jax":
-        from ricefm_jax.finetune import JaxFinetuner
-
-        return JaxFinetuner(checkpoint)
-    raise RiceFMInputError(f"--backends: unknown backend {backend!r}; choose torch or jax")
+    """The named backend's fine-tuner for ``checkpoint`` on ``device`` (through ``ricefm.backends``)."""
+    return get_backend(backend).load_finetuner(checkpoint, device=device)
 
 
 class AnnotationRun:

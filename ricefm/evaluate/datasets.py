@@ -1,4 +1,4 @@
-"""Named evaluation datasets with their label (and batch) keys; any h5ad path works too."""
+"""Named evaluation datasets with their label keys; any h5ad path works too."""
 
 from __future__ import annotations
 
@@ -17,14 +17,13 @@ class EvalDataset:
     name: str
     path: Path  # an h5ad with non-negative expression in X (raw counts or log-normalized)
     label_key: str
-    batch_key: str | None
     exclude_labels: tuple[str, ...] = ()
 
 
 def _rice_root() -> EvalDataset:
     ref = resources.files("ricefm.resources").joinpath("rice_root_SRP309176_2k.h5ad")
     with resources.as_file(ref) as p:
-        return EvalDataset("rice_root", Path(p), "celltype", "sample", ("unlabeled",))
+        return EvalDataset("rice_root", Path(p), "celltype", ("unlabeled",))
 
 
 def _pbmc68k_reduced() -> EvalDataset:
@@ -36,19 +35,19 @@ def _pbmc68k_reduced() -> EvalDataset:
     out = ad.AnnData(X=a.raw.X.copy(), obs=a.obs[["bulk_labels", "phase"]].copy(), var=a.raw.var[[]].copy())
     path = Path(tempfile.gettempdir()) / "ricefm_pbmc68k_reduced_raw.h5ad"
     out.write_h5ad(path)
-    return EvalDataset("pbmc68k_reduced", path, "bulk_labels", "phase")
+    return EvalDataset("pbmc68k_reduced", path, "bulk_labels")
 
 
 REGISTRY = {"rice_root": _rice_root, "pbmc68k_reduced": _pbmc68k_reduced}
 
 
-def resolve_dataset(name_or_path: str, label_key: str | None = None, batch_key: str | None = None,
+def resolve_dataset(name_or_path: str, label_key: str | None = None,
                     exclude_labels: tuple[str, ...] | None = None) -> EvalDataset:
-    """A registered dataset (its keys unless overridden) or an h5ad path with its label key;
+    """A registered dataset (its label key unless overridden) or an h5ad path with its label key;
     cells whose label is in ``exclude_labels`` (e.g. ``unlabeled``) are left out of all metrics."""
     if name_or_path in REGISTRY:
         ds = REGISTRY[name_or_path]()
-        return EvalDataset(ds.name, ds.path, label_key or ds.label_key, batch_key or ds.batch_key,
+        return EvalDataset(ds.name, ds.path, label_key or ds.label_key,
                            ds.exclude_labels if exclude_labels is None else tuple(exclude_labels))
     path = Path(name_or_path)
     if not path.is_file():
@@ -56,4 +55,4 @@ def resolve_dataset(name_or_path: str, label_key: str | None = None, batch_key: 
                                f"({', '.join(REGISTRY)}) nor an existing .h5ad file")
     if not label_key:
         raise RiceFMInputError(f"--dataset {path}: pass --label-key (the obs column with cell types)")
-    return EvalDataset(path.stem, path, label_key, batch_key, tuple(exclude_labels or ()))
+    return EvalDataset(path.stem, path, label_key, tuple(exclude_labels or ()))

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ricefm.atomic import staged_dir
 from ricefm.binning import bin_cells
 from ricefm.errors import RiceFMInputError
 from ricefm.gene_maps import load_gene_map
@@ -108,7 +109,7 @@ class _ShardWriter:
 
     def __init__(self, path: Path, categories: dict[str, list[str]]):
         self.path = path
-        path.mkdir(parents=True)
+        path.mkdir(parents=True, exist_ok=True)
         self.arrays = {k: store.create_array(path / k, dt, per_nonzero=True) for k, dt in store.NONZERO_ARRAYS.items()}
         self.buffers: dict[str, list[np.ndarray]] = {k: [] for k in store.NONZERO_ARRAYS}
         self.buffered = 0
@@ -169,10 +170,14 @@ def _global_rows(inputs: list[_Input]) -> np.ndarray:
 def _write_shard(k: int, rows: tuple[int, int], inputs: list[_Input], categories, staging: Path,
                  block_cells: int, progress: tqdm, kill_counter: list[int]) -> dict[str, Any]:
     final = staging / f"shard-{k:05d}"
-    tmp = staging / f"shard-{k:05d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(final, ignore_errors=True)
-    writer = _ShardWriter(tmp, categories)
+    with staged_dir(final) as tmp:  # a killed build leaves no half shard under the final name
+        info, dropped = _fill_shard(_ShardWriter(tmp, categories), rows, inputs, block_cells, progress, kill_counter)
+    return {"name": final.name, "complete": True, "rows": [rows[0], rows[1]], **info, "cells_dropped": dropped}
+
+
+def _fill_shard(writer: _ShardWriter, rows: tuple[int, int], inputs: list[_Input], block_cells: int,
+                progress: tqdm, kill_counter: list[int]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Rows ``rows`` of the inputs into ``writer``: (the shard's info, cells dropped by reason)."""
     starts = _global_rows(inputs)
     dropped = {"no_counts": 0, "no_vocab_genes": 0}
     lo, hi = rows
@@ -201,9 +206,7 @@ def _write_shard(k: int, rows: tuple[int, int], inputs: list[_Input], categories
         kill_counter[0] += 1
         if kill_counter[0] == int(os.environ.get(_KILL_AFTER_BLOCKS_ENV, "-1")):
             os.kill(os.getpid(), signal.SIGKILL)
-    info = writer.close()
-    os.replace(tmp, final)
-    return {"name": final.name, "complete": True, "rows": [rows[0], rows[1]], **info, "cells_dropped": dropped}
+    return writer.close(), dropped
 
 
 def _new_manifest(inputs: list[_Input], vocab: GeneVocab, categories, opts: BuildOptions) -> Manifest:

@@ -1,4 +1,8 @@
-"""The ``ricefm`` command line. Bad input ends with one line on stderr and exit code 2."""
+"""The ``ricefm`` command line. Bad input ends with one line on stderr and exit code 2.
+
+The top layer (DESIGN.md section 1): it reaches the backends through the registry
+(``ricefm.backends``) and checkpoints through ``converters``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ricefm.backends import BACKENDS
 from ricefm.errors import RiceFMInputError
+
+DEVICE_HELP = "auto | npu | cuda | tpu | cpu (torch: npu, cuda, cpu; jax: cuda, tpu, cpu); auto picks the best one"
 
 
 def _build_data(args: argparse.Namespace) -> None:
@@ -61,15 +68,16 @@ def _convert(args: argparse.Namespace) -> None:
 
 def _benchmark(args: argparse.Namespace) -> None:
     from ricefm.evaluate.annotation import annotation_config
-    from ricefm.evaluate.benchmark import markdown, run_benchmark
     from ricefm.evaluate.datasets import resolve_dataset
+    from ricefm.evaluate.report import markdown
+    from ricefm_cli.benchmark import run_benchmark
 
     exclude = None if args.exclude_labels is None else tuple(x for x in args.exclude_labels.split(",") if x)
-    dataset = resolve_dataset(args.dataset, args.label_key, args.batch_key, exclude)
+    dataset = resolve_dataset(args.dataset, args.label_key, exclude)
     backends = [b for b in args.backends.split(",") if b]
-    unknown = sorted(set(backends) - {"torch", "jax"})
+    unknown = sorted(set(backends) - set(BACKENDS))
     if unknown or not backends:
-        raise RiceFMInputError(f"--backends {args.backends!r}: a comma-separated list of torch and jax")
+        raise RiceFMInputError(f"--backends {args.backends!r}: a comma-separated list of {' and '.join(BACKENDS)}")
     annotation = annotation_config(args.annotation)
     annotation.enabled = annotation.enabled and not args.no_annotation
     report = run_benchmark(args.checkpoint, dataset, backends, args.output, batch_size=args.batch_size,
@@ -107,9 +115,9 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="published, torch or Flax checkpoint folder")
     e.add_argument("--input", required=True, help=".h5ad with raw counts")
     e.add_argument("--output", required=True, help=".h5ad to write (the input plus the embeddings)")
-    e.add_argument("--backend", default="torch", choices=("torch", "jax"))
+    e.add_argument("--backend", default="torch", choices=tuple(BACKENDS))
     e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--device", default="auto", help="torch: auto | npu | cuda | cpu")
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.add_argument("--max-seq-len", type=int, default=None, help="default: the checkpoint's training length")
     e.add_argument("--selection", default="highest", choices=("highest", "first", "random"),
                    help="genes kept when a cell has more than max_seq_len-1: highest counts (default), first, random")
@@ -132,14 +140,13 @@ def make_parser() -> argparse.ArgumentParser:
     k.add_argument("--checkpoint", required=True)
     k.add_argument("--dataset", required=True, help="rice_root | pbmc68k_reduced | path to an .h5ad")
     k.add_argument("--label-key", default=None, help="obs column with cell types (registered datasets know theirs)")
-    k.add_argument("--batch-key", default=None)
     k.add_argument("--exclude-labels", default=None, metavar="A,B",
                    help="labels left out of all metrics (registered datasets know theirs, e.g. unlabeled)")
     k.add_argument("--backends", default="jax,torch")
     k.add_argument("--output", default="benchmark_out")
     k.add_argument("--batch-size", type=int, default=64)
     k.add_argument("--max-seq-len", type=int, default=None)
-    k.add_argument("--device", default="auto")
+    k.add_argument("--device", default="auto", help=DEVICE_HELP)
     k.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of configs/annotation.py (repeatable), e.g. freeze_encoder=true, seeds=0,1,2")
     k.add_argument("--no-annotation", action="store_true", help="zero-shot metrics only (no fine-tuning)")

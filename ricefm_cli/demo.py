@@ -2,9 +2,9 @@
 pretrain the tiny model briefly with the torch backend, embed the cells with it, and run the
 evaluation suite (zero-shot scib metrics and annotation fine-tuning) with both backends.
 
-    python -m ricefm.demo --config configs/tiny.py --workdir demo_out [--train_steps 200] [--evaluate] [--config.x=y]
+    python -m ricefm_cli.demo --config configs/tiny.py --workdir demo_out [--train_steps 200] [--evaluate] [--config.x=y]
 
-The backends are imported only inside the steps that use them (the core imports neither).
+The backends are reached through the registry (``ricefm.backends``), only in the steps that use them.
 """
 
 from __future__ import annotations
@@ -17,15 +17,17 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import ricefm_configs
+from ricefm.backends import get_backend
 from ricefm.batching import BatchStream, TokenSpec, collate_pcpt
 from ricefm.errors import RiceFMInputError
 from ricefm.shards import ShardedCells
 from ricefm.shards.build import BuildOptions, build_dataset, format_summary
 
 DEMO_H5AD = "rice_root_SRP309176_2k.h5ad"
-_REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+_TINY = Path(ricefm_configs.__file__).resolve().parent / "tiny.py"  # configs/ (installed as ricefm_configs)
 
-_CONFIG = config_flags.DEFINE_config_file("config", str(_REPO_CONFIGS / "tiny.py"), "ml-collections config file")
+_CONFIG = config_flags.DEFINE_config_file("config", str(_TINY), "ml-collections config file")
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "where the demo writes its dataset, checkpoints, embeddings")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 200, "torch pretraining steps (0 = skip pretraining and evaluation)")
 _EVALUATE = flags.DEFINE_boolean("evaluate", True, "run `ricefm benchmark` on the pretrained checkpoint")
@@ -69,14 +71,13 @@ def run(config, workdir: Path, train_steps: int = 200, evaluate: bool = True,
 
 def pretrain_and_embed(config, workdir: Path, data_dir: Path, train_steps: int) -> None:
     from ricefm.embed import embed_h5ad, load_embedder
-    from ricefm_npu.train import train
 
     config.data.data_dir = str(data_dir)
     config.train.max_steps = train_steps
     config.train.checkpoint_every = max(1, train_steps // 2)
     run_dir = workdir / "torch_run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    summary = train(config, run_dir, device="auto")
+    summary = get_backend("torch").train(config, run_dir, device="auto")
     h = summary["history"]
     print(f"pretrained {summary['steps']} steps on {summary['device']} ({summary['attention']} attention): "
           f"loss {h[0]['loss_total']:.1f} -> {h[-1]['loss_total']:.1f}, best validation {summary['best_valid']:.1f}; "
@@ -91,8 +92,9 @@ def pretrain_and_embed(config, workdir: Path, data_dir: Path, train_steps: int) 
 
 def benchmark(workdir: Path, backends: tuple[str, ...]) -> None:
     from ricefm.evaluate.annotation import annotation_config
-    from ricefm.evaluate.benchmark import markdown, run_benchmark
     from ricefm.evaluate.datasets import resolve_dataset
+    from ricefm.evaluate.report import markdown
+    from ricefm_cli.benchmark import run_benchmark
 
     out = workdir / "benchmark"
     report = run_benchmark(workdir / "torch_run" / "best", resolve_dataset("rice_root"), list(backends), out,
