@@ -80,7 +80,7 @@ def jax_step(batch, vocab_size, dropout, attention):
 
     from ricefm_configs import ricefm_base
     from ricefm_jax.model import RiceFM
-    from ricefm_jax.train import BATCH_KEYS, make_train_step
+    from ricefm_jax.train import BATCH_INPUTS, make_train_step
 
     cfg = ricefm_base.get_config().model
     cfg.dropout = dropout
@@ -88,7 +88,7 @@ def jax_step(batch, vocab_size, dropout, attention):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-4))
     fn = make_train_step(graphdef, tx, jax.random.key(0))
-    data = {k: jax.numpy.asarray(batch[k]) for k in BATCH_KEYS}
+    data = {k: jax.numpy.asarray(batch[k]) for k in BATCH_INPUTS}
     state = {"params": params, "opt": tx.init(params), "i": 0}
 
     def step():

@@ -1,4 +1,7 @@
-"""The published riceFM pretraining setup (DESIGN.md section 4; the fixture's args.json keys in comments)."""
+"""The published riceFM pretraining setup (DESIGN.md section 4; the fixture's args.json keys in comments).
+
+Every key is read by both trainers; legal values are written next to the key.
+"""
 
 import ml_collections
 
@@ -8,55 +11,52 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.d_model = 256  # embsize
-    c.model.n_heads = 4  # nheads
+    c.model.n_heads = 4  # nheads; must divide d_model
     c.model.n_layers = 6  # nlayers
     c.model.d_hid = 256  # d_hid
-    c.model.dropout = 0.2
+    c.model.dropout = 0.2  # every dropout of the model, attention weights included
     c.model.n_bins = 51  # n_bins: 0 (zero) + 50 quantile bins
-    c.model.input_emb_style = "continuous"
+    c.model.input_emb_style = "continuous"  # the only supported value-input style (as published)
     c.model.max_value = 512.0  # value encoder clamps inputs here
     c.model.layer_norm_eps = 1e-5
-    c.model.do_mvc = True
     c.model.n_modalities = 2  # 0 = scRNA-seq, 1 = spatial
-    c.model.n_layers_cls = 3
-    c.model.attention = "auto"  # auto = fastest exact kernel of the device; or math / sdpa / npu_fusion
-    c.model.pad_token = "<pad>"
-    c.model.pad_value = -2.0
-    c.model.mask_value = -1.0
+    c.model.n_layers_cls = 3  # cell-type head depth (fine-tuning): (Linear, ReLU, LayerNorm) x 2 + Linear
+    # Attention kernel: auto (per device: npu_fusion on NPU, sdpa on CUDA and dropout-free CPU, math for CPU
+    # training with dropout; JAX: math) | math (exact reference, both) | sdpa, npu_fusion (torch) | dot_product (JAX)
+    c.model.attention = "auto"
+    c.model.pad_value = -2.0  # value of <cls> and padding
+    c.model.mask_value = -1.0  # args.json mask_value (kept for published exports)
 
     c.data = ml_collections.ConfigDict()
-    c.data.data_dir = ""
-    c.data.input_style = "binned"
-    c.data.max_seq_len = 1200
-    c.data.batch_size = 64  # per device
-    c.data.eval_batch_size = 64
-    c.data.gen_ratios = (0.25, 0.5, 0.75)  # mask_ratio: gen fraction drawn per batch
+    c.data.data_dir = ""  # set by --data DIR
+    c.data.max_seq_len = 1200  # tokens per cell incl. <cls>; longer cells are sub-sampled per batch
+    c.data.batch_size = 64  # cells per device per micro-batch
+    c.data.eval_batch_size = 64  # cells per validation batch (every validation cell is used)
+    c.data.gen_ratios = (0.25, 0.5, 0.75)  # mask_ratio: gen fraction drawn per batch, each in (0, 1)
     c.data.valid_fraction = 0.1  # valid_size_or_ratio
-    c.data.seed = 0
-    c.data.prefetch = 4
+    c.data.seed = 0  # split, epoch order and gen/pcpt split
+    c.data.prefetch = 4  # batches read ahead
     c.data.num_workers = 0  # loader processes (0 = a background thread)
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.name = "adam"
+    c.optim = ml_collections.ConfigDict()  # Adam (torch.optim.Adam / optax.adam)
     c.optim.lr = 1e-3
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
-    c.optim.weight_decay = 0.0
-    c.optim.schedule = "cosine"
+    c.optim.weight_decay = 0.0  # L2 added to the gradient, as torch Adam's weight_decay
+    c.optim.schedule = "cosine"  # the only schedule: linear warmup from 0, cosine decay to 0
     c.optim.warmup_fraction = 0.1  # warmup_ratio_or_step
     c.optim.grad_clip_norm = 1.0
-    c.optim.grad_accum_steps = 1
+    c.optim.grad_accum_steps = 1  # micro-batches per optimizer step
 
     c.train = ml_collections.ConfigDict()
-    c.train.epochs = 20
-    c.train.seed = 0
+    c.train.epochs = 20  # used when max_steps = 0
+    c.train.seed = 0  # initial weights (ricefm.init) and dropout
     c.train.cell_emb_pass_after = 0  # published runs had the second (cell-embedding) pass on from step 0
-    c.train.precision = "auto"  # auto: fp16 + grad scaler on NPU/CUDA, bf16 autocast on CPU; or fp32 / bf16 / fp16
+    c.train.precision = "auto"  # auto (fp32 on CPU, bf16 on CUDA/TPU, fp16 + grad scaler on NPU) | fp32 | bf16 | fp16
     c.train.max_steps = 0  # optimizer steps; 0 = epochs x steps per epoch
     c.train.stop_at_step = 0  # stop (with a checkpoint) at this step, as if interrupted; 0 = run to the end
-    c.train.init_checkpoint = ""  # start from these weights (any checkpoint format)
-    c.train.log_every = 100
-    c.train.eval_every = 3000
-    c.train.checkpoint_every = 3000  # save_interval
+    c.train.init_checkpoint = ""  # start from these weights (any checkpoint format); "" = ricefm.init
+    c.train.log_every = 100  # steps per metrics.jsonl line / TensorBoard point
+    c.train.checkpoint_every = 3000  # save_interval; validation and best/ export run at every checkpoint
     return c

@@ -19,6 +19,5 @@ def get_config():
     c.data.eval_batch_size = 8
     c.train.epochs = 1
     c.train.log_every = 10
-    c.train.eval_every = 100
     c.train.checkpoint_every = 100
     return c

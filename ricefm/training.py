@@ -1,24 +1,35 @@
-"""Backend-neutral pieces of the two trainers: workdir checks, the dataset and its train/validation
-cells, the resume fingerprint, the data position after a batch, and the training log (TensorBoard
-scalars + metrics.jsonl)."""
+"""The pretraining loop both backends run: one contract, one skeleton, backend-specific steps.
+
+``python -m ricefm_npu.train`` and ``python -m ricefm_jax.train`` take the same flags
+(:func:`define_flags`), plan the same steps (:class:`Plan`), start from the same initial weights
+(``ricefm.init``), validate on the same batches (:func:`validation_batches`), log the same
+metrics with the same meaning (:class:`TrainLog`), keep the best weights by the same rule and
+check a resume the same way (:func:`run`). A backend supplies only a :class:`Steps` object: its
+optimizer step, its evaluation of one batch, a cross-process sum, and save / restore / export.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
-from ricefm.batching import TokenSpec, split_cells
+from ricefm.atomic import staged_dir, write_json_atomic
+from ricefm.batching import BatchStream, TokenSpec, collate_generative, split_cells, steps_per_epoch
 from ricefm.errors import RiceFMInputError
 from ricefm.shards import ShardedCells
+from ricefm.vocab import GeneVocab
 
 LOSS_NAMES = ("total", "mse", "mvc", "gen")
+BEST = "best"
 
 
 def check_workdir(workdir: Path) -> None:
@@ -39,13 +50,142 @@ class TrainingData:
     valid_cells: np.ndarray
 
 
-def open_training_data(cfg: ml_collections.ConfigDict, how_to_set_data: str) -> TrainingData:
+def open_training_data(cfg: ml_collections.ConfigDict) -> TrainingData:
     """The config's dataset, its batch tokens and its seeded train/validation split."""
     if not cfg.data.data_dir:
-        raise RiceFMInputError(f"no data: {how_to_set_data} (a dataset built by `ricefm build-data`)")
+        raise RiceFMInputError("no data: pass --data DIR (a dataset built by `ricefm build-data`)")
     ds = ShardedCells(cfg.data.data_dir)
     tokens = TokenSpec(pad_id=ds.vocab.pad_id, cls_id=ds.vocab.cls_id, pad_value=cfg.model.pad_value)
     return TrainingData(ds, tokens, *split_cells(len(ds), cfg.data.valid_fraction, cfg.data.seed))
+
+
+def check_settings(cfg: ml_collections.ConfigDict) -> None:
+    """Settings that cannot train stop here with the field and the fix, before any work."""
+    checks = [("data.batch_size", cfg.data.batch_size, 1), ("data.eval_batch_size", cfg.data.eval_batch_size, 1),
+              ("data.max_seq_len", cfg.data.max_seq_len, 3), ("optim.grad_accum_steps", cfg.optim.grad_accum_steps, 1),
+              ("train.log_every", cfg.train.log_every, 1), ("train.checkpoint_every", cfg.train.checkpoint_every, 1),
+              ("train.max_steps", cfg.train.max_steps, 0), ("train.stop_at_step", cfg.train.stop_at_step, 0),
+              ("train.epochs", cfg.train.epochs, 1)]
+    for name, value, least in checks:
+        if int(value) < least:
+            raise RiceFMInputError(f"--config.{name}={value}: must be at least {least}")
+    if not cfg.data.gen_ratios or not all(0 < float(r) < 1 for r in cfg.data.gen_ratios):
+        raise RiceFMInputError(f"--config.data.gen_ratios={tuple(cfg.data.gen_ratios)}: fractions strictly between 0 and 1")
+    if cfg.optim.schedule != "cosine":
+        raise RiceFMInputError(f"--config.optim.schedule={cfg.optim.schedule!r}: only 'cosine' (with warmup) is supported")
+
+
+def cosine_with_warmup(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup from 0, then cosine decay to 0 (the published schedule)."""
+    warmup = int(total_steps * warmup_fraction)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run does: its data, its process's share, and how many optimizer steps."""
+
+    cfg: ml_collections.ConfigDict
+    workdir: Path
+    data: TrainingData
+    rank: int
+    world_size: int
+    batch_per_process: int  # cells per micro-batch in this process (all its devices)
+    total_steps: int
+    stop_at: int
+
+    @property
+    def vocab(self) -> GeneVocab:
+        return self.data.cells.vocab
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def lr(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based), as both backends apply it."""
+        return float(self.cfg.optim.lr) * cosine_with_warmup(self.total_steps, self.cfg.optim.warmup_fraction)(step)
+
+    def initial_state(self) -> dict[str, np.ndarray]:
+        """The published initial weights for this config and vocabulary (``ricefm.init``)."""
+        from ricefm.init import initial_state
+
+        return initial_state(self.cfg.model, len(self.vocab), int(self.cfg.train.seed))
+
+    def check_vocab(self, vocab: GeneVocab, source: str) -> None:
+        if vocab.sha256() != self.vocab.sha256():
+            raise RiceFMInputError(f"{source}: its vocabulary differs from the dataset's ({self.cfg.data.data_dir}/"
+                                   "vocab.json); rebuild the shards with --vocab from the checkpoint")
+
+
+def plan(cfg: ml_collections.ConfigDict, workdir: str | Path, rank: int, world_size: int,
+         batch_per_process: int) -> Plan:
+    """Check the settings and the workdir, open the data, count the steps."""
+    check_settings(cfg)
+    workdir = Path(workdir).resolve()
+    if rank == 0:
+        check_workdir(workdir)
+    data = open_training_data(cfg)
+    accum = int(cfg.optim.grad_accum_steps)
+    micro_per_epoch = steps_per_epoch(len(data.train_cells), batch_per_process, world_size)
+    if micro_per_epoch < accum:
+        raise RiceFMInputError(f"{cfg.data.data_dir}: {len(data.train_cells)} training cells make fewer than {accum} "
+                               f"batches of {batch_per_process} per process; lower --config.data.batch_size")
+    total = int(cfg.train.max_steps) or int(cfg.train.epochs) * (micro_per_epoch // accum)
+    stop_at = min(total, int(cfg.train.stop_at_step) or total)
+    return Plan(cfg, workdir, data, rank, world_size, batch_per_process, total, stop_at)
+
+
+def validation_batches(p: Plan) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of the validation batches.
+
+    The validation cells, in order, are cut into batches of ``eval_batch_size`` (the last one may
+    be smaller), batch b with gen ratio ``gen_ratios[b % len]`` and the split of epoch 0; process r
+    takes batches r, r + world, ... So every cell counts, and the batches do not depend on the
+    backend or the number of processes.
+    """
+    cfg, cells, bs = p.cfg, p.data.valid_cells, int(p.cfg.data.eval_batch_size)
+    ratios = tuple(cfg.data.gen_ratios)
+    for b, lo in enumerate(range(0, len(cells), bs)):
+        if b % p.world_size == p.rank:
+            yield collate_generative(p.data.cells.read(cells[lo:lo + bs]), p.data.tokens, cfg.data.max_seq_len,
+                                     ratios[b % len(ratios)], seed=cfg.data.seed, epoch=0)
+
+
+class Steps(Protocol):
+    """What a backend supplies to :func:`run`."""
+
+    description: str  # e.g. "torch 2.13.0 on cpu x1, math attention, fp32"
+
+    def step(self, micro_batches: Sequence[dict[str, np.ndarray]], step: int, cell_emb_pass: bool
+             ) -> tuple[np.ndarray, float]:
+        """One optimizer step over the micro-batches: (losses in LOSS_NAMES order, averaged over the
+        micro-batches and all processes; the norm of the gradient the update applied, before clipping)."""
+
+    def eval_losses(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Losses (LOSS_NAMES order) of one validation batch, eval mode, cell-embedding pass on."""
+
+    def sum_across(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise sum over all processes (float64)."""
+
+    def save(self, meta: dict[str, Any]) -> None:
+        """Keep weights, optimizer state and ``meta`` so that :meth:`restore` continues exactly."""
+
+    def restore(self) -> dict[str, Any] | None:
+        """Load the latest :meth:`save`; its ``meta``, or None when there is none."""
+
+    def export(self, folder: Path) -> None:
+        """The current weights as a published riceFM checkpoint in the empty ``folder``."""
+
+    def summary(self) -> dict[str, Any]:
+        """Backend facts for the run summary (device, attention, ...)."""
 
 
 def config_fingerprint(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -61,27 +201,40 @@ def next_position(batch: dict[str, np.ndarray], steps_per_epoch: int) -> tuple[i
     return (epoch + 1, 0) if step == steps_per_epoch else (epoch, step)
 
 
-class TrainLog:
-    """Per-step records; every ``log_every`` steps: cells/s, TensorBoard scalars, a metrics.jsonl line.
+def token_counts(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """(real tokens, token positions computed) of a generative batch, both streams."""
+    pads = (batch["pcpt_key_padding_mask"], batch["gen_key_padding_mask"])
+    return np.array([sum(int((~m).sum()) for m in pads), sum(m.size for m in pads)], np.float64)
 
-    ``writer`` is any SummaryWriter with ``add_scalar`` (torch's or tensorboardX), None off the main
-    process. Scalar names are the same for both backends.
+
+class TrainLog:
+    """Per-step records; every ``log_every`` steps, rates over the window since the last log, a
+    TensorBoard scalar each (``train/...``) and a metrics.jsonl line.
+
+    Metrics: ``loss_{total,mse,mvc,gen}``, ``lr`` (of the step), ``grad_norm`` (of the gradient the
+    update applied, before clipping), ``cells_per_s`` and ``tokens_per_s`` (non-padding tokens of
+    both streams, all processes), ``padding_fraction`` (share of computed positions that are padding).
+    ``writer`` is any SummaryWriter with ``add_scalar``, None off the main process.
     """
 
-    def __init__(self, workdir: Path, writer, log_every: int):
-        self.workdir, self.writer, self.log_every = workdir, writer, log_every
+    def __init__(self, workdir: Path, writer, log_every: int, sum_across: Callable[[np.ndarray], np.ndarray]):
+        self.workdir, self.writer, self.log_every, self.sum_across = workdir, writer, log_every, sum_across
         self.history: list[dict[str, float]] = []
-        self._t, self._cells = time.perf_counter(), 0
+        self._t, self._cells, self._tokens = time.perf_counter(), 0, np.zeros(2)
 
-    def step(self, step: int, losses: np.ndarray, lr: float, grad_norm: float, cells: int, last: bool) -> dict:
+    def step(self, step: int, losses: np.ndarray, lr: float, grad_norm: float, cells: int, tokens: np.ndarray,
+             last: bool) -> dict:
         self._cells += cells
+        self._tokens = self._tokens + tokens
         record = {"step": step, **{f"loss_{n}": float(losses[i]) for i, n in enumerate(LOSS_NAMES)},
                   "lr": float(lr), "grad_norm": float(grad_norm)}
         self.history.append(record)
         if step % self.log_every == 0 or last:
-            now = time.perf_counter()
-            record["cells_per_s"] = self._cells / (now - self._t)
-            self._t, self._cells = now, 0
+            real, positions = self.sum_across(self._tokens)  # every process logs at the same steps
+            dt = time.perf_counter() - self._t
+            record.update(cells_per_s=self._cells / dt, tokens_per_s=float(real) / dt,
+                          padding_fraction=1.0 - float(real) / max(float(positions), 1.0))
+            self._t, self._cells, self._tokens = time.perf_counter(), 0, np.zeros(2)
             if self.writer is not None:
                 for k, v in record.items():
                     if k != "step":
@@ -98,3 +251,119 @@ class TrainLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def validate(p: Plan, steps: Steps) -> dict[str, float]:
+    """Mean validation losses over all validation batches (see :func:`validation_batches`)."""
+    sums = np.zeros(len(LOSS_NAMES) + 1)
+    for batch in validation_batches(p):
+        sums[:-1] += np.asarray(steps.eval_losses(batch), np.float64)
+        sums[-1] += 1
+    sums = steps.sum_across(sums)
+    return {n: float(sums[i] / sums[-1]) for i, n in enumerate(LOSS_NAMES)} if sums[-1] > 0 else {}
+
+
+def run(p: Plan, steps: Steps, resume: bool, make_writer: Callable[[str], Any], prefetch_stream: bool = True,
+        pad_to_max: bool = False, progress: bool = True, name: str = "ricefm") -> dict[str, Any]:
+    """The training loop: resume check, batches, steps, logging, validation, checkpoints, best export.
+
+    Validation runs at every checkpoint (every ``train.checkpoint_every`` steps and at the end);
+    ``OUT/best`` is exported when the validation loss improves (or at every checkpoint when there
+    are no validation cells).
+    """
+    cfg = p.cfg
+    step, epoch, micro, best = 0, 0, 0, math.inf
+    if resume:
+        meta = steps.restore()
+        if meta is None:
+            raise RiceFMInputError(f"--resume: no checkpoint in {p.workdir / 'checkpoints'}; start without --resume")
+        if meta["config"] != config_fingerprint(cfg):
+            raise RiceFMInputError(f"--resume: the config differs from the one {p.workdir} was trained with; "
+                                   "resume with the same --config and overrides")
+        if meta["vocab_sha256"] != p.vocab.sha256():
+            raise RiceFMInputError(f"--resume: {p.workdir} was trained on another vocabulary than {cfg.data.data_dir}")
+        step, epoch, micro, best = meta["step"], meta["epoch"], meta["micro"], meta["best_valid"]
+
+    writer = None
+    if p.main:
+        writer = make_writer(str(p.workdir / "tensorboard"))
+        write_json_atomic(p.workdir / "config.json", cfg.to_dict())
+    log = TrainLog(p.workdir, writer, int(cfg.train.log_every), steps.sum_across)
+
+    def checkpoint() -> None:
+        nonlocal best
+        valid = validate(p, steps) if len(p.data.valid_cells) else {}
+        log.validation(step, valid)
+        improved = bool(valid) and valid["total"] < best
+        if improved:
+            best = valid["total"]
+        steps.save({"step": step, "epoch": epoch, "micro": micro, "best_valid": best,
+                    "vocab_sha256": p.vocab.sha256(), "config": config_fingerprint(cfg)})
+        if p.main and (improved or not len(p.data.valid_cells)):  # no validation cells: the latest is the best known
+            with staged_dir(p.workdir / BEST) as folder:
+                steps.export(folder)
+
+    accum = int(cfg.optim.grad_accum_steps)
+    stream = BatchStream(p.data.cells, p.data.tokens, p.batch_per_process, cfg.data.max_seq_len, cfg.data.gen_ratios,
+                         cfg.data.seed, rank=p.rank, world_size=p.world_size, start_epoch=epoch, start_step=micro,
+                         prefetch=cfg.data.prefetch, cells=p.data.train_cells, num_workers=cfg.data.num_workers,
+                         pad_to_max=pad_to_max)
+    batches = iter(stream)
+    bar = tqdm(total=p.total_steps, initial=step, unit="step", desc=name, disable=not (progress and p.main))
+    try:
+        while step < p.stop_at:
+            micro_batches = [next(batches) for _ in range(accum)]
+            epoch, micro = next_position(micro_batches[-1], stream.steps_per_epoch)
+            losses, grad_norm = steps.step(micro_batches, step, step >= cfg.train.cell_emb_pass_after)
+            lr = p.lr(step)
+            step += 1
+            record = log.step(step, losses, lr, grad_norm, accum * p.batch_per_process * p.world_size,
+                              sum(token_counts(b) for b in micro_batches), last=step == p.stop_at)
+            bar.set_postfix(loss=f"{record['loss_total']:.3f}", lr=f"{lr:.2e}")
+            bar.update(1)
+            if step % cfg.train.checkpoint_every == 0 or step == p.stop_at:
+                checkpoint()
+    finally:
+        bar.close()
+        batches.close()
+        log.close()
+    return {"steps": step, "total_steps": p.total_steps, "history": log.history, "best_valid": best,
+            "world_size": p.world_size, **steps.summary()}
+
+
+def define_flags() -> dict[str, Any]:
+    """The flags of both ``python -m ricefm_npu.train`` and ``python -m ricefm_jax.train``."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from ricefm.precision import DEVICE_CHOICES
+
+    return {
+        "config": config_flags.DEFINE_config_file("config", None, "ml-collections config file, e.g. configs/ricefm_base.py"),
+        "data": flags.DEFINE_string("data", None, "dataset directory from `ricefm build-data` (sets config.data.data_dir)"),
+        "workdir": flags.DEFINE_string("workdir", None, "output folder for checkpoints, logs, TensorBoard"),
+        "device": flags.DEFINE_enum("device", "auto", list(DEVICE_CHOICES),
+                                    "auto: npu, then cuda, then cpu (torch); JAX's default platform (jax)"),
+        "resume": flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in WORKDIR/checkpoints"),
+    }
+
+
+def main(flag_values: dict[str, Any], train: Callable[..., dict[str, Any]]) -> None:
+    """Run ``train(cfg, workdir, device, resume)`` from the flags; bad input is one usage line."""
+    from absl import app, logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax and jax log every file operation / platform probe at INFO
+    if flag_values["config"].value is None or flag_values["workdir"].value is None:
+        raise app.UsageError("--config and --workdir are required")
+    cfg = flag_values["config"].value
+    if flag_values["data"].value:
+        cfg.data.data_dir = flag_values["data"].value
+    try:
+        summary = train(cfg, flag_values["workdir"].value, device=flag_values["device"].value,
+                        resume=flag_values["resume"].value)
+    except RiceFMInputError as e:
+        raise app.UsageError(str(e)) from None
+    if summary["history"] and summary.get("main", True):
+        last = summary["history"][-1]
+        print(f"done: {summary['steps']}/{summary['total_steps']} steps, {summary['description']}; last loss "
+              f"{last['loss_total']:.4f}; best valid {summary['best_valid']:.4f}")

@@ -1,4 +1,4 @@
-"""ricefm_jax.train: parity with the torch trainer over 20 steps, 2 host devices = 1, exact resume."""
+"""ricefm_jax.train: from-scratch parity with the torch trainer over 20 steps, 2 host devices = 1, exact resume."""
 
 import os
 import subprocess
@@ -19,6 +19,7 @@ from ricefm_npu.model import RiceFM as TorchRiceFM
 from ricefm_npu.train import train as torch_train
 
 from conftest import REPO
+from tolerances import assert_params_close
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def parity_config(data_dir, init, steps=20, **train):
     cfg.train.max_steps = steps
     cfg.train.log_every = 1
     cfg.train.checkpoint_every = 1000
-    cfg.train.init_checkpoint = str(init)
+    cfg.train.init_checkpoint = str(init) if init else ""
     for k, v in train.items():
         cfg.train[k] = v
     return cfg
@@ -56,38 +57,33 @@ def init_checkpoint(data_dir, tmp_path_factory):
     return path
 
 
-def test_twenty_steps_match_the_torch_trainer(data_dir, init_checkpoint, tmp_path, capsys):
-    cfg = parity_config(data_dir, init_checkpoint)
+def test_twenty_steps_from_scratch_match_the_torch_trainer(data_dir, tmp_path, capsys):
+    cfg = parity_config(data_dir, None)  # no init checkpoint: both start from ricefm.init's weights
     t = torch_train(cfg, tmp_path / "torch", device="cpu", progress=False)
-    j = jax_train(parity_config(data_dir, init_checkpoint), tmp_path / "jax", progress=False)
+    j = jax_train(parity_config(data_dir, None), tmp_path / "jax", device="cpu", progress=False)
     with capsys.disabled():
-        print("\nstep  torch loss   jax loss")
+        print("\nstep  torch loss   jax loss   torch |g|   jax |g|")
         for a, b in zip(t["history"], j["history"]):
-            print(f"{a['step']:4d}  {a['loss_total']:10.3f} {b['loss_total']:10.3f}")
+            print(f"{a['step']:4d}  {a['loss_total']:10.3f} {b['loss_total']:10.3f} {a['grad_norm']:10.3f} "
+                  f"{b['grad_norm']:9.3f}")
+    assert len(t["history"]) == len(j["history"]) == 20
     for a, b in zip(t["history"], j["history"]):
+        # losses: fp32 forward sums in different orders, 1e-5 rel (DESIGN.md: outputs 1e-5 rel), widened 10x
+        # for the 20 steps of updates before them (params differ by up to 1e-4 rel)
         assert abs(a["loss_total"] - b["loss_total"]) <= 1e-4 * abs(a["loss_total"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"]  # gradients: 1e-4 rel (DESIGN.md)
+        assert a["lr"] == b["lr"]
     assert t["history"][-1]["loss_total"] < 0.8 * t["history"][0]["loss_total"]
     torch_params = load_checkpoint(tmp_path / "torch/checkpoints/latest").state
-    holder = FlaxRiceFM.from_config(cfg.model, len(load_checkpoint(init_checkpoint).vocab))
+    holder = FlaxRiceFM.from_config(cfg.model, len(torch_params["encoder.embedding.weight"]))
     from flax import nnx
     nnx.update(holder, j["params"])
-    jax_params = state_dict(holder)
-    d = cfg.model.d_model
-    for k, want in torch_params.items():
-        got = jax_params[k]
-        # Entries whose true gradient is ~0 move by Adam's lr * g / (|g| + eps) with g at round-off level, so
-        # the two backends' round-off decides them: the key-bias slice (softmax is shift-invariant, true gradient
-        # exactly 0) and gene-embedding rows reached only through vanishing paths. They get DESIGN.md's atol 1e-4
-        # for round-off-driven entries; everything else must agree to 1e-4 of the tensor's largest value.
-        if k.endswith("self_attn.Wqkv.bias"):
-            np.testing.assert_allclose(got[d:2 * d], want[d:2 * d], atol=1e-4, rtol=0, err_msg=k)
-            got, want = np.concatenate([got[:d], got[2 * d:]]), np.concatenate([want[:d], want[2 * d:]])
-        if k == "encoder.embedding.weight":
-            np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=k)
-            continue
-        assert np.abs(got - want).max() <= 1e-4 * max(np.abs(want).max(), 1e-12), k
+    worst = assert_params_close(state_dict(holder), torch_params, cfg.model.d_model)
+    with capsys.disabled():
+        print(f"20 steps from scratch: worst per-tensor relative norm difference {worst:.2e} (bound 1e-4)")
     best = load_checkpoint(tmp_path / "jax/best")  # exported in the published format
     assert best.format == "seed" and best.vocab.n_genes == 55_801
+    assert abs(t["best_valid"] - j["best_valid"]) <= 1e-4 * t["best_valid"]
 
 
 def test_resume_is_identical(data_dir, init_checkpoint, tmp_path):
@@ -104,11 +100,12 @@ def test_resume_is_identical(data_dir, init_checkpoint, tmp_path):
 
 
 def test_two_host_devices_equal_one(data_dir, init_checkpoint, tmp_path):
-    code = ("import sys, jax, numpy as np; sys.path.insert(0, sys.argv[4]); from test_jax_train import parity_config; "
-            "from ricefm_jax.train import train; from pathlib import Path; "
+    code = ("import sys, numpy as np; sys.path.insert(0, sys.argv[4]); from test_jax_train import parity_config; "
+            "from ricefm_jax.train import train; from ricefm_jax.model import RiceFM; "
+            "from ricefm_jax.params import state_dict; from flax import nnx; from pathlib import Path; "
             "cfg = parity_config(Path(sys.argv[1]), Path(sys.argv[2]), steps=4); cfg.data.batch_size = int(sys.argv[5]); "
-            "out = train(cfg, sys.argv[3], progress=False); "
-            "np.savez(sys.argv[3] + '.npz', *[np.asarray(x) for x in jax.tree.leaves(out['params'])]); "
+            "out = train(cfg, sys.argv[3], progress=False); m = RiceFM.from_config(cfg.model, 55_804); "
+            "nnx.update(m, out['params']); np.savez(sys.argv[3] + '.npz', **state_dict(m)); "
             "print(out['devices'])")
     runs = {}
     for devices, batch in ((1, 16), (2, 8)):
@@ -118,9 +115,10 @@ def test_two_host_devices_equal_one(data_dir, init_checkpoint, tmp_path):
                             str(REPO / "tests"), str(batch)], capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         assert r.stdout.strip().splitlines()[-1] == str(devices)
-        runs[devices] = np.load(f"{out}.npz")
-    for k in runs[1].files:
-        np.testing.assert_allclose(runs[2][k], runs[1][k], atol=1e-5, rtol=0)
+        runs[devices] = dict(np.load(f"{out}.npz"))
+    # the two runs differ only in the order of the gradient reduction over the batch: round-off, amplified by
+    # Adam where gradients are near zero, hence the step tolerances of DESIGN.md (not bit equality)
+    assert_params_close(runs[2], runs[1], tiny.get_config().model.d_model)
 
 
 def test_gradient_accumulation_equals_the_larger_batch(data_dir, init_checkpoint, tmp_path):
@@ -129,8 +127,17 @@ def test_gradient_accumulation_equals_the_larger_batch(data_dir, init_checkpoint
     cfg = parity_config(data_dir, init_checkpoint, steps=3)
     cfg.data.batch_size, cfg.optim.grad_accum_steps = 8, 2
     accum = jax_train(cfg, tmp_path / "accum", progress=False)
-    for x, y in zip(jax.tree.leaves(big["params"]), jax.tree.leaves(accum["params"])):
-        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5, rtol=0)
+    # same cells, same mean gradient, summed in another order: DESIGN.md's step tolerances
+    from flax import nnx
+    params = {}
+    for name, run in (("big", big), ("accum", accum)):
+        m = FlaxRiceFM.from_config(cfg.model, 55_804)
+        nnx.update(m, run["params"])
+        params[name] = state_dict(m)
+    assert_params_close(params["accum"], params["big"], cfg.model.d_model)
+    # the logged norm is the accumulated gradient's (the one applied), equal to the big batch's
+    for a, b in zip(big["history"], accum["history"]):
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], (a, b)
 
 
 def test_clear_errors(data_dir, init_checkpoint, tmp_path):
@@ -141,11 +148,16 @@ def test_clear_errors(data_dir, init_checkpoint, tmp_path):
         jax_train(parity_config(data_dir, init_checkpoint), blocked / "sub", progress=False)
     with pytest.raises(RiceFMInputError, match="not a riceFM dataset"):
         jax_train(parity_config(tmp_path / "nowhere", init_checkpoint), tmp_path / "w", progress=False)
-    with pytest.raises(RiceFMInputError, match="no data: set --config.data.data_dir=DIR"):
+    with pytest.raises(RiceFMInputError, match="no data: pass --data DIR"):
         jax_train(parity_config("", init_checkpoint), tmp_path / "w", progress=False)
     with pytest.raises(RiceFMInputError, match="no checkpoint"):
         jax_train(parity_config(data_dir, init_checkpoint), tmp_path / "fresh", resume=True, progress=False)
     cfg = parity_config(data_dir, init_checkpoint)
     cfg.train.precision = "fp16"
-    with pytest.raises(RiceFMInputError, match="supports auto, fp32, bf16"):
+    with pytest.raises(RiceFMInputError, match="fp16 needs an NPU or CUDA device"):
         jax_train(cfg, tmp_path / "w2", progress=False)
+    with pytest.raises(RiceFMInputError, match="JAX has no Ascend backend"):
+        jax_train(parity_config(data_dir, init_checkpoint), tmp_path / "w3", device="npu", progress=False)
+    cfg = parity_config(data_dir, init_checkpoint, steps=-5)
+    with pytest.raises(RiceFMInputError, match="train.max_steps=-5: must be at least 0"):
+        jax_train(cfg, tmp_path / "w4", progress=False)

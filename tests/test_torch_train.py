@@ -10,13 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from ricefm.errors import RiceFMInputError
+from ricefm.init import initial_state
 from ricefm.shards.build import BuildOptions, build_dataset
 from ricefm_configs import tiny
 from ricefm_npu.checkpoints import load_published
-from ricefm_npu.model import RiceFM
 from ricefm_npu.train import train
 
 from conftest import REPO
+from tolerances import assert_params_close
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def test_tiny_training_loss_goes_down_and_writes_checkpoints(data_dir, tmp_path)
     assert last < 0.6 * first, (first, last)
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(10, 81, 10))
-    assert {"loss_mse", "loss_mvc", "loss_gen", "lr", "grad_norm", "cells_per_s"} <= logged[-1].keys()
+    assert {"loss_mse", "loss_mvc", "loss_gen", "lr", "grad_norm", "cells_per_s", "tokens_per_s",
+            "padding_fraction"} <= logged[-1].keys()
     assert list((tmp_path / "tensorboard").iterdir())
     model, mcfg, vocab = load_published(tmp_path / "best")
     assert mcfg.d_model == 64 and len(vocab) == 55_804
@@ -52,9 +54,10 @@ def test_tiny_training_loss_goes_down_and_writes_checkpoints(data_dir, tmp_path)
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path):
-    cfg = config(data_dir, train__max_steps=8, train__checkpoint_every=100)  # dropout on, bf16 autocast (CPU auto)
+    cfg = config(data_dir, train__max_steps=8, train__checkpoint_every=100, train__precision="bf16")  # dropout on
     train(cfg, tmp_path / "straight", device="cpu", progress=False)
-    stopped = config(data_dir, train__max_steps=8, train__checkpoint_every=100, train__stop_at_step=4)
+    stopped = config(data_dir, train__max_steps=8, train__checkpoint_every=100, train__stop_at_step=4,
+                     train__precision="bf16")
     first = train(stopped, tmp_path / "resumed", device="cpu", progress=False)
     assert first["steps"] == 4
     second = train(cfg, tmp_path / "resumed", device="cpu", resume=True, progress=False)
@@ -87,9 +90,8 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(data_dir, t
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst <= 1e-5, worst
     assert "x2" in two.stdout and "x1" in one.stdout
-    torch.manual_seed(0)  # the initial weights both runs started from
-    init = RiceFM.from_config(tiny.get_config().model, 55_804).state_dict()
-    moved = max(float((a[k] - init[k]).abs().max()) for k in a)
+    init = initial_state(tiny.get_config().model, 55_804, seed=0)  # the initial weights both runs started from
+    moved = max(float((a[k] - torch.from_numpy(init[k])).abs().max()) for k in a)
     assert moved > 1e-3  # four Adam steps at lr 1e-3 really moved the weights
 
 
@@ -117,11 +119,14 @@ def test_gradient_accumulation_equals_the_larger_batch(data_dir, tmp_path):
     cfg_a.data.gen_ratios = (0.5,)
     cfg_b = config(data_dir, data__batch_size=16, **common)
     cfg_b.data.gen_ratios = (0.5,)
-    train(cfg_a, tmp_path / "a", device="cpu", progress=False)
-    train(cfg_b, tmp_path / "b", device="cpu", progress=False)
+    run_a = train(cfg_a, tmp_path / "a", device="cpu", progress=False)
+    run_b = train(cfg_b, tmp_path / "b", device="cpu", progress=False)
     a = load_file(tmp_path / "a/checkpoints/latest/model.safetensors")
     b = load_file(tmp_path / "b/checkpoints/latest/model.safetensors")
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    # the same mean gradient summed in another order: DESIGN.md's step tolerances
+    assert_params_close({k: v.numpy() for k, v in a.items()}, {k: v.numpy() for k, v in b.items()}, 64)
+    for x, y in zip(run_a["history"], run_b["history"]):  # the logged norm is the accumulated (applied) gradient's
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-4 * y["grad_norm"], (x, y)
 
 
 def test_bf16_autocast_outputs_match_fp32(reference):
