@@ -22,5 +22,6 @@ def load_flax_model(path: str | Path, attention: str | None = None, dtype=jnp.fl
 
 
 def save_flax_model(path: str | Path, model: RiceFM, cfg: ml_collections.ConfigDict, vocab: GeneVocab,
-                    fmt: str = "flax") -> None:
-    save_checkpoint(Checkpoint(state_dict(model), cfg, vocab, fmt), path, fmt)
+                    fmt: str = "flax", data: ml_collections.ConfigDict | None = None) -> None:
+    """``model`` in any format; ``data`` (the training data config) records the training settings, as torch's."""
+    save_checkpoint(Checkpoint(state_dict(model), cfg, vocab, fmt), path, fmt, data)

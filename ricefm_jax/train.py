@@ -178,7 +178,7 @@ class JaxSteps:
     def export(self, folder: Path) -> None:
         export = RiceFM.from_config(self.cfg.model, len(self.plan.vocab), attention=self.attention)
         nnx.update(export, jax.device_get(self._local(self.params)))
-        save_flax_model(folder, export, self.cfg.model, self.plan.vocab, fmt="seed")
+        save_flax_model(folder, export, self.cfg.model, self.plan.vocab, fmt="seed", data=self.cfg.data)
 
     def summary(self) -> dict[str, Any]:
         return {"description": self.description, "devices": self.n_devices, "processes": jax.process_count(),

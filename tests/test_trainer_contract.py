@@ -142,3 +142,5 @@ def test_both_entry_points_take_the_same_flags_and_train_alike_from_scratch(data
     assert a.keys() == b.keys() == {"step", "loss_total", "loss_mse", "loss_mvc", "loss_gen", "lr", "grad_norm",
                                     "cells_per_s", "tokens_per_s", "padding_fraction"}
     assert a["lr"] == b["lr"] and a["step"] == b["step"] == 5
+    args = [json.loads((tmp_path / m / "best/args.json").read_text()) for m in ("ricefm_npu.train", "ricefm_jax.train")]
+    assert args[0] == args[1] and args[0]["max_seq_len"] == 64  # the same published export from both
