@@ -29,6 +29,9 @@ from ricefm.shards import ShardedCells
 from ricefm.vocab import GeneVocab
 
 LOSS_NAMES = ("total", "mse", "mvc", "gen")
+# the arrays of a generative batch a training step consumes (the rest is bookkeeping: epoch, step, cell ids)
+BATCH_INPUTS = ("pcpt_gene_ids", "pcpt_values", "pcpt_key_padding_mask", "gen_gene_ids", "gen_target_values",
+                "gen_key_padding_mask", "mod_types")
 BEST = "best"
 
 

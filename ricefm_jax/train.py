@@ -33,15 +33,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from converters.formats import load_checkpoint
 from ricefm import training
 from ricefm.batching import pad_generative
-from ricefm.training import LOSS_NAMES
+from ricefm.training import BATCH_INPUTS, LOSS_NAMES
 from ricefm_jax import devices
 from ricefm_jax.checkpoints import save_flax_model
 from ricefm_jax.model import RiceFM
 from ricefm_jax.objective import pretraining_loss
 from ricefm_jax.params import load_state_dict
 
-BATCH_INPUTS = ("pcpt_gene_ids", "pcpt_values", "pcpt_key_padding_mask", "gen_gene_ids", "gen_target_values",
-                "gen_key_padding_mask", "mod_types")
 
 
 def lr_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

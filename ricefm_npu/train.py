@@ -25,15 +25,13 @@ import torch.distributed as dist
 
 from ricefm import training
 from ricefm.atomic import staged_dir
-from ricefm.training import LOSS_NAMES
+from ricefm.training import BATCH_INPUTS, LOSS_NAMES
 from ricefm_npu import devices
 from ricefm_npu.checkpoints import load_torch_checkpoint, save_native, save_published, strict_load
 from ricefm_npu.model import RiceFM
 from ricefm_npu.objective import PretrainingObjective
 
 STATE_FILE = "training_state.pt"
-BATCH_INPUTS = ("pcpt_gene_ids", "pcpt_values", "pcpt_key_padding_mask", "gen_gene_ids", "gen_target_values",
-                "gen_key_padding_mask", "mod_types")
 
 
 def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
