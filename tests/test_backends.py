@@ -49,3 +49,14 @@ def test_jax_embedder_and_finetuner_run_on_the_requested_device():
     if jax.default_backend() == "cpu":  # no GPU here: asking for one is a clear error, not a silent CPU run
         with pytest.raises(RiceFMInputError, match="JAX sees no cuda device"):
             jax_backend.load_embedder(FIXTURES, device="cuda")
+
+
+def test_backend_train_takes_the_trainers_arguments():
+    import inspect
+
+    from ricefm_jax.train import train as jax_train
+    from ricefm_npu.train import train as torch_train
+
+    for name, trainer in (("jax", jax_train), ("torch", torch_train)):
+        wrapper = backends.get_backend(name).train
+        assert list(inspect.signature(wrapper).parameters) == list(inspect.signature(trainer).parameters), name
