@@ -65,15 +65,21 @@ def open_training_data(cfg: ml_collections.ConfigDict) -> TrainingData:
 def check_settings(cfg: ml_collections.ConfigDict) -> None:
     """Settings that cannot train stop here with the field and the fix, before any work."""
     checks = [("data.batch_size", cfg.data.batch_size, 1), ("data.eval_batch_size", cfg.data.eval_batch_size, 1),
-              ("data.max_seq_len", cfg.data.max_seq_len, 3), ("optim.grad_accum_steps", cfg.optim.grad_accum_steps, 1),
-              ("train.log_every", cfg.train.log_every, 1), ("train.checkpoint_every", cfg.train.checkpoint_every, 1),
-              ("train.max_steps", cfg.train.max_steps, 0), ("train.stop_at_step", cfg.train.stop_at_step, 0),
-              ("train.epochs", cfg.train.epochs, 1)]
+              ("optim.grad_accum_steps", cfg.optim.grad_accum_steps, 1), ("train.log_every", cfg.train.log_every, 1),
+              ("train.checkpoint_every", cfg.train.checkpoint_every, 1), ("train.max_steps", cfg.train.max_steps, 0),
+              ("train.stop_at_step", cfg.train.stop_at_step, 0)]
+    if not cfg.train.max_steps:  # the epochs count the steps only when max_steps does not
+        checks.append(("train.epochs", cfg.train.epochs, 1))
     for name, value, least in checks:
         if int(value) < least:
             raise RiceFMInputError(f"--config.{name}={value}: must be at least {least}")
-    if not cfg.data.gen_ratios or not all(0 < float(r) < 1 for r in cfg.data.gen_ratios):
-        raise RiceFMInputError(f"--config.data.gen_ratios={tuple(cfg.data.gen_ratios)}: fractions strictly between 0 and 1")
+    ratios = tuple(float(r) for r in cfg.data.gen_ratios)
+    if not ratios or not all(0 < r < 1 for r in ratios):
+        raise RiceFMInputError(f"--config.data.gen_ratios={ratios}: fractions strictly between 0 and 1")
+    shortest = 1 + math.ceil(1 / min(ratios))  # gen length int((L - 1) r) must be at least one token
+    if int(cfg.data.max_seq_len) < shortest:
+        raise RiceFMInputError(f"--config.data.max_seq_len={cfg.data.max_seq_len}: leaves no gen token at gen ratio "
+                               f"{min(ratios)}; use at least {shortest}")
     if cfg.optim.schedule != "cosine":
         raise RiceFMInputError(f"--config.optim.schedule={cfg.optim.schedule!r}: only 'cosine' (with warmup) is supported")
 

@@ -144,3 +144,25 @@ def test_both_entry_points_take_the_same_flags_and_train_alike_from_scratch(data
     assert a["lr"] == b["lr"] and a["step"] == b["step"] == 5
     args = [json.loads((tmp_path / m / "best/args.json").read_text()) for m in ("ricefm_npu.train", "ricefm_jax.train")]
     assert args[0] == args[1] and args[0]["max_seq_len"] == 64  # the same published export from both
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("train.max_steps", -5, "train.max_steps=-5: must be at least 0"),
+    ("data.max_seq_len", 1, "data.max_seq_len=1: leaves no gen token at gen ratio 0.25; use at least 5"),
+    ("data.max_seq_len", 4, "data.max_seq_len=4: leaves no gen token at gen ratio 0.25; use at least 5"),
+    ("data.batch_size", 0, "data.batch_size=0: must be at least 1"),
+    ("data.gen_ratios", (0.5, 1.0), r"gen_ratios=\(0.5, 1.0\): fractions strictly between 0 and 1"),
+    ("train.checkpoint_every", 0, "checkpoint_every=0: must be at least 1"),
+])
+def test_settings_that_cannot_train_are_refused_before_any_work(field, value, message):
+    cfg = tiny.get_config()
+    section, key = field.split(".")
+    cfg[section][key] = value
+    with pytest.raises(RiceFMInputError, match=message):
+        training.check_settings(cfg)
+
+
+def test_settings_at_their_limits_are_accepted():
+    cfg = tiny.get_config()
+    cfg.data.max_seq_len, cfg.train.epochs, cfg.train.max_steps = 5, 0, 3  # epochs unused when max_steps is set
+    training.check_settings(cfg)
