@@ -85,8 +85,10 @@ def test_absent_devices_are_clear_errors(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(RiceFMInputError, match="no CUDA device"):
             devices.resolve_device("cuda")
-    with pytest.raises(RiceFMInputError, match="choose one of"):
-        devices.resolve_device("tpu")
+    with pytest.raises(RiceFMInputError, match="choose one of auto, cpu, cuda, npu, tpu"):
+        devices.resolve_device("gpu")
+    with pytest.raises(RiceFMInputError, match="the torch backend runs on npu, cuda or cpu; use --backend jax"):
+        devices.resolve_device("tpu")  # a choice of the shared --device flag that only JAX serves
 
 
 @pytest.mark.skipif(not devices.npu_available(), reason="needs Ascend NPU hardware")
