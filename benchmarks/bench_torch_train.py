@@ -36,7 +36,7 @@ def one_config(attention: str, precision: str, dropout: float, batch: int, seq: 
     from ricefm.shards.reader import CellBatch
     from ricefm.vocab import GeneVocab
     from ricefm_configs import ricefm_base
-    from ricefm_npu import devices
+    from ricefm_npu import compat, devices
     from ricefm_npu.model import RiceFM
     from ricefm_npu.objective import PretrainingObjective
 
@@ -58,7 +58,7 @@ def one_config(attention: str, precision: str, dropout: float, batch: int, seq: 
     objective = PretrainingObjective(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     amp_dtype, use_scaler = devices.amp_settings(precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    scaler = compat.grad_scaler(device, use_scaler)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
     def step() -> float:

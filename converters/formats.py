@@ -20,6 +20,7 @@ import numpy as np
 from converters.names import flax_path, to_flax_layout, to_torch_layout, torch_key
 from ricefm import published
 from ricefm.atomic import staged_dir, write_json_atomic
+from ricefm.environment import check_torch_numpy
 from ricefm.errors import RiceFMInputError
 from ricefm.init import parameter_shapes
 from ricefm.vocab import GeneVocab
@@ -74,6 +75,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             import torch
         except ImportError:
             raise RiceFMInputError(f"{path}: reading best_model.pt needs torch (pip install torch)") from None
+        check_torch_numpy(torch.__version__)
         args, vocab = published.read_published(path)
         model = published.model_config_from_args(args, _base_model_config())
         sd = torch.load(path / published.WEIGHTS, map_location="cpu", weights_only=True)
@@ -133,6 +135,7 @@ def write_checkpoint(ckpt: Checkpoint, folder: str | Path, fmt: str,
 
         import torch
 
+        check_torch_numpy(torch.__version__)
         state = _published_order(ckpt)
         sd = collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state.items())
         torch.save(sd, folder / published.WEIGHTS)

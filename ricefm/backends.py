@@ -64,6 +64,8 @@ class Backend(Protocol):
 
     def describe_device(self, device: str = "auto") -> str: ...
 
+    def doctor(self, device: str = "auto") -> list[tuple[str, str]]: ...
+
 
 def get_backend(name: str) -> Backend:
     """The backend module called ``name``; a missing extra is one line naming what to install."""

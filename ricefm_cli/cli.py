@@ -87,6 +87,12 @@ def _benchmark(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}/: " + ", ".join(sorted(p.name for p in Path(args.output).iterdir())))
 
 
+def _doctor(args: argparse.Namespace) -> None:
+    from ricefm_cli.doctor import format_report, report
+
+    print(format_report(report(args.device)))
+
+
 def make_parser() -> argparse.ArgumentParser:
     from ricefm.gene_maps import GENE_MAP_NAMES
     from ricefm.shards.build import DEFAULT_CELLS_PER_SHARD, DEFAULT_MIN_GENE_FRACTION
@@ -152,6 +158,11 @@ def make_parser() -> argparse.ArgumentParser:
     k.add_argument("--no-annotation", action="store_true", help="zero-shot metrics only (no fine-tuning)")
     k.add_argument("--quiet", action="store_true")
     k.set_defaults(func=_benchmark)
+
+    d = sub.add_parser("doctor", help="what this machine offers each backend: versions, CUDA/NPU/CANN, JAX devices, "
+                                      "and the attention and precision training and embedding would use")
+    d.add_argument("--device", default="auto", help="auto | npu | cuda | tpu | cpu: the device to report on")
+    d.set_defaults(func=_doctor)
     return p
 
 

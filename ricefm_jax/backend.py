@@ -46,3 +46,23 @@ def describe_device(device: str = "auto") -> str:
 
 def device_description(device: jax.Device) -> str:
     return f"jax {jax.__version__} on {device.platform}:{device.id}"
+
+
+def doctor(device: str = "auto") -> list[tuple[str, str]]:
+    """(label, finding) lines for ``ricefm doctor``: JAX's platform and devices, and what training and
+    embedding would use on the device ``--device`` picks."""
+    from ricefm_jax.devices import compute_dtype, resolve_devices
+
+    devices = jax.devices()
+    lines = [("jax", f"{jax.__version__}, default platform {jax.default_backend()}, {len(devices)} device(s): "
+                     + ", ".join(sorted({d.device_kind for d in devices})))]
+    try:
+        chosen = resolve_devices(device)
+        dtype = compute_dtype("auto", chosen[0])
+    except Exception as e:  # the finding is the message: doctor reports, it does not stop
+        lines.append(("jax run", f"--device {device}: {e}"))
+        return lines
+    lines.append(("jax run", f"--device {device} -> {len(chosen)} {chosen[0].platform} device(s); training: math "
+                             f"attention, {'bf16' if dtype == jax.numpy.bfloat16 else 'fp32'} (precision=auto); embedding: "
+                             "dot_product attention, fp32"))
+    return lines

@@ -8,9 +8,11 @@ are turned into one clear message. Nothing is monkey-patched: callers get explic
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
+from ricefm import environment
 from ricefm.errors import RiceFMInputError
 from ricefm.precision import DEVICE_CHOICES, resolve_precision
 
@@ -18,6 +20,10 @@ _DDP_BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
 
 def import_torch_npu():
+    if "torch_npu" not in sys.modules and not cann_present():  # the import could only fail, inside libhccl.so
+        raise RiceFMInputError("Ascend NPU support is unavailable: Ascend CANN was not found (no ASCEND_TOOLKIT_HOME, "
+                               f"no {environment.DEFAULT_CANN_HOME}, no libhccl.so on LD_LIBRARY_PATH). Install CANN "
+                               "and source its set_env.sh, then the torch-npu release matching your torch")
     try:
         import torch_npu  # noqa: F401
     except (ImportError, RuntimeError) as e:
@@ -27,12 +33,50 @@ def import_torch_npu():
     return torch_npu
 
 
+def torch_npu_version() -> str | None:
+    """torch-npu's installed version, read from its metadata (no import)."""
+    return environment.package_version("torch-npu") or environment.package_version("torch_npu")
+
+
+def cann_present() -> bool:
+    """Whether Ascend CANN is installed or its libraries are on the loader path."""
+    return environment.cann_home() is not None or environment.cann_libraries_visible()
+
+
 def npu_available() -> bool:
+    """An NPU is usable. Without torch-npu or without CANN, nothing is imported: the import could only fail."""
+    if "torch_npu" not in sys.modules and (torch_npu_version() is None or not cann_present()):
+        return False
     try:
         torch_npu = import_torch_npu()
     except RiceFMInputError:
         return False
     return bool(torch_npu.npu.is_available())
+
+
+def npu_report() -> dict:
+    """What this machine offers an NPU run, and what it lacks (for ``ricefm doctor``)."""
+    home = environment.cann_home()
+    report = {"torch_npu": torch_npu_version(), "cann_home": str(home) if home else None,
+              "cann_version": environment.cann_version(home) if home else None,
+              "libhccl_visible": environment.cann_libraries_visible(), "npu_count": 0, "missing": []}
+    missing = report["missing"]
+    if report["torch_npu"] is None and "torch_npu" not in sys.modules:
+        missing.append(f"torch-npu (pip install torch-npu=={torch.__version__.split('+')[0]}, the release for "
+                       "this torch)")
+    elif report["torch_npu"] and report["torch_npu"].split(".post")[0].split("rc")[0] != torch.__version__.split("+")[0]:
+        missing.append(f"a torch-npu for torch {torch.__version__} (installed: torch-npu {report['torch_npu']}, "
+                       "each torch-npu release pins its torch)")
+    if home is None:
+        missing.append("Ascend CANN (install the toolkit; set ASCEND_TOOLKIT_HOME or source its set_env.sh)")
+    elif not report["libhccl_visible"]:
+        missing.append(f"CANN libraries on LD_LIBRARY_PATH (source {home}/../set_env.sh)")
+    if not missing or "torch_npu" in sys.modules:
+        if npu_available():
+            report["npu_count"] = int(getattr(import_torch_npu().npu, "device_count", lambda: 1)())
+        else:
+            missing.append("a visible NPU (check the driver, npu-smi info and ASCEND_RT_VISIBLE_DEVICES)")
+    return report
 
 
 def resolve_device(requested: str = "auto", local_rank: int | None = None) -> torch.device:

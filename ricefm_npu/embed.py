@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ricefm_npu import devices
+from ricefm_npu import compat, devices
 from ricefm_npu.checkpoints import load_torch_checkpoint
 
 
 class TorchEmbedder:
     def __init__(self, checkpoint: str | Path, device: str = "auto"):
+        compat.check_runtime()
         self.device = devices.resolve_device(device)
         self.model, self.model_config, self.vocab = load_torch_checkpoint(
             checkpoint, attention=devices.default_attention(self.device))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from converters.formats import load_checkpoint
 from ricefm.evaluate.annotation import lr_factor
-from ricefm_npu import devices
+from ricefm_npu import compat, devices
 from ricefm_npu.checkpoints import strict_load
 from ricefm_npu.model import RiceFM
 
@@ -24,6 +24,7 @@ INPUTS = ("gene_ids", "values", "key_padding_mask", "mod_types")
 
 class TorchFinetuner:
     def __init__(self, checkpoint: str | Path, device: str = "auto"):
+        compat.check_runtime()
         self.device = devices.resolve_device(device)
         ckpt = load_checkpoint(checkpoint)
         self.state = {k: torch.from_numpy(v) for k, v in ckpt.state.items()}

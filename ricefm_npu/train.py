@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ricefm import training
 from ricefm.atomic import staged_dir
 from ricefm.training import BATCH_INPUTS, LOSS_NAMES
-from ricefm_npu import devices
+from ricefm_npu import compat, devices
 from ricefm_npu.checkpoints import load_torch_checkpoint, save_native, save_published, strict_load
 from ricefm_npu.model import RiceFM
 from ricefm_npu.objective import PretrainingObjective
@@ -86,7 +86,7 @@ class TorchSteps:
             self.optimizer, training.cosine_with_warmup(p.total_steps, cfg.optim.warmup_fraction))
         self.amp_dtype, use_scaler = devices.amp_settings(cfg.train.precision, env.device)
         self.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-        self.scaler = torch.amp.GradScaler(env.device.type, enabled=use_scaler)
+        self.scaler = compat.grad_scaler(env.device, use_scaler)
         self.latest = p.workdir / "checkpoints" / "latest"
         self.description = (f"torch {torch.__version__} on {env.device} x{env.world_size}, {self.attention} attention, "
                             f"{self.precision}")
@@ -166,6 +166,7 @@ class TorchSteps:
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "auto", resume: bool = False,
           progress: bool = True) -> dict[str, Any]:
     """Run (or resume) pretraining; returns a summary of the run."""
+    compat.check_runtime()
     env = _Distributed(device)
     try:
         p = training.plan(cfg, workdir, env.rank, env.world_size, int(cfg.data.batch_size))

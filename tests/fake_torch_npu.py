@@ -8,10 +8,19 @@ import torch
 from ricefm_npu.attention import math_attention
 
 
+class FakeGradScaler:
+    """torch_npu.npu.amp.GradScaler's constructor, recorded."""
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+
+
 class FakeNPU:
-    def __init__(self, available=True):
+    def __init__(self, available=True, count=8):
         self.calls, self.devices_set = [], []
-        self.npu = types.SimpleNamespace(is_available=lambda: available, set_device=self.devices_set.append)
+        self.npu = types.SimpleNamespace(is_available=lambda: available, set_device=self.devices_set.append,
+                                         device_count=lambda: count if available else 0,
+                                         amp=types.SimpleNamespace(GradScaler=FakeGradScaler))
 
     def npu_fusion_attention(self, q, k, v, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None,
                              scale=1.0, keep_prob=1.0, **kw):

@@ -14,7 +14,7 @@ from ricefm_cli.cli import main as cli
 from ricefm.errors import RiceFMInputError
 from ricefm_jax.checkpoints import load_flax_model
 from ricefm_jax.model import RiceFM
-from ricefm_npu.checkpoints import load_published, load_torch_checkpoint, save_native, save_published
+from ricefm_npu.checkpoints import load_published, load_torch_checkpoint, save_native
 
 from conftest import FIXTURES
 
@@ -91,22 +91,3 @@ def test_strict_errors_and_bad_destinations(tmp_path, capsys):
     (tmp_path / "torch" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(RiceFMInputError, match="does not match config.json"):
         load_checkpoint(tmp_path / "torch")
-
-
-def test_trainer_writers_fill_an_empty_staging_folder_and_record_the_data_settings(tmp_path):
-    import ml_collections
-
-    model, cfg, vocab = load_published(FIXTURES)
-    data = ml_collections.ConfigDict({"max_seq_len": 96, "batch_size": 8, "gen_ratios": (0.25, 0.5)})
-    for name in ("native", "pub"):
-        (tmp_path / name).mkdir()  # the trainers hand over an existing, empty staging folder
-    save_native(tmp_path / "native", model, cfg, vocab, data)
-    save_published(tmp_path / "pub", model, cfg, vocab, data)
-    assert json.loads((tmp_path / "native" / "config.json").read_text())["model"]["max_seq_len"] == 96
-    args = json.loads((tmp_path / "pub" / "args.json").read_text())
-    assert (args["max_seq_len"], args["batch_size"], args["mask_ratio"]) == (96, 8, [0.25, 0.5])
-    assert list(torch.load(tmp_path / "pub" / "best_model.pt", weights_only=True)) == list(model.state_dict())
-    states_equal(load_checkpoint(tmp_path / "native").state, load_checkpoint(tmp_path / "pub").state)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["native", "pub"]  # no staging leftovers
-    with pytest.raises(RiceFMInputError, match="a torch checkpoint, not seed"):
-        load_published(tmp_path / "native")
