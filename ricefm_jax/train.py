@@ -111,6 +111,7 @@ class JaxSteps:
         self.train_step = make_train_step(self.graphdef, self.tx, jax.random.key(cfg.train.seed))
         self.local_device = next(d for d in mesh_devices if d.process_index == jax.process_index())
         self.eval_step = jax.jit(self._eval)
+        self._eval_copy: tuple | None = None  # (params it was made from, local params, local rest)
         self.manager = ocp.CheckpointManager(p.workdir / "checkpoints",
                                              options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
         self.n_devices = len(mesh_devices)
@@ -140,8 +141,10 @@ class JaxSteps:
     def eval_losses(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """On this process's first device, unsharded: validation batches need not divide the mesh."""
         padded = pad_generative(batch, self.cfg.data.max_seq_len, self.plan.data.tokens)  # one compile per ratio
-        parts = self.eval_step(self._local(self.params), self._local(self.rest),
-                               jax.device_put({k: padded[k] for k in BATCH_INPUTS}, self.local_device))
+        if self._eval_copy is None or self._eval_copy[0] is not self.params:  # one copy per validation, not per batch
+            self._eval_copy = (self.params, self._local(self.params), self._local(self.rest))
+        parts = self.eval_step(*self._eval_copy[1:], jax.device_put({k: padded[k] for k in BATCH_INPUTS},
+                                                                  self.local_device))
         return np.array([float(parts[k]) for k in LOSS_NAMES])
 
     def _local(self, tree):
