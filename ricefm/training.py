@@ -22,13 +22,14 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from ricefm.atomic import staged_dir, write_json_atomic
+from ricefm.atomic import staged_dir, write_bytes_atomic, write_json_atomic
 from ricefm.batching import BatchStream, TokenSpec, collate_generative, split_cells, steps_per_epoch
 from ricefm.errors import RiceFMInputError
 from ricefm.shards import ShardedCells
 from ricefm.vocab import GeneVocab
 
 LOSS_NAMES = ("total", "mse", "mvc", "gen")
+METRICS = "metrics.jsonl"
 # the arrays of a generative batch a training step consumes (the rest is bookkeeping: epoch, step, cell ids)
 BATCH_INPUTS = ("pcpt_gene_ids", "pcpt_values", "pcpt_key_padding_mask", "gen_gene_ids", "gen_target_values",
                 "gen_key_padding_mask", "mod_types")
@@ -248,7 +249,7 @@ class TrainLog:
                 for k, v in record.items():
                     if k != "step":
                         self.writer.add_scalar(f"train/{k}", v, step)
-                with open(self.workdir / "metrics.jsonl", "a") as f:
+                with open(self.workdir / METRICS, "a") as f:
                     f.write(json.dumps(record) + "\n")
         return record
 
@@ -260,6 +261,22 @@ class TrainLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the log lines after ``step``: a resumed run logs those steps again, each must appear once."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut by the kill
+            continue
+    if kept != lines:
+        write_bytes_atomic(path, "".join(f"{line}\n" for line in kept).encode())
 
 
 def validate(p: Plan, steps: Steps) -> dict[str, float]:
@@ -292,6 +309,8 @@ def run(p: Plan, steps: Steps, resume: bool, make_writer: Callable[[str], Any], 
         if meta["vocab_sha256"] != p.vocab.sha256():
             raise RiceFMInputError(f"--resume: {p.workdir} was trained on another vocabulary than {cfg.data.data_dir}")
         step, epoch, micro, best = meta["step"], meta["epoch"], meta["micro"], meta["best_valid"]
+        if p.main:
+            trim_metrics(p.workdir / METRICS, step)
 
     writer = None
     if p.main:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ricefm import training
-from ricefm.atomic import staged_dir
+from ricefm.atomic import recover_dir, staged_dir
 from ricefm.training import BATCH_INPUTS, LOSS_NAMES
 from ricefm_npu import compat, devices
 from ricefm_npu.checkpoints import load_torch_checkpoint, save_native, save_published, strict_load
@@ -143,6 +143,9 @@ class TorchSteps:
         self.env.barrier()
 
     def restore(self) -> dict[str, Any] | None:
+        if self.env.rank == 0:
+            recover_dir(self.latest)  # a run killed inside the checkpoint swap
+        self.env.barrier()
         if not (self.latest / STATE_FILE).is_file():
             return None
         saved, _, saved_vocab = load_torch_checkpoint(self.latest)

@@ -1,5 +1,6 @@
 """ricefm_jax.train: from-scratch parity with the torch trainer over 20 steps, 2 host devices = 1, exact resume."""
 
+import json
 import os
 import subprocess
 import sys
@@ -91,9 +92,13 @@ def test_resume_is_identical(data_dir, init_checkpoint, tmp_path):
                          progress=False)
     jax_train(parity_config(data_dir, init_checkpoint, steps=6, checkpoint_every=3, stop_at_step=3), tmp_path / "b",
               progress=False)
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # killed after logging a step past its checkpoint
+        f.write(json.dumps({"step": 4, "loss_total": 1.0}) + "\n")
     resumed = jax_train(parity_config(data_dir, init_checkpoint, steps=6, checkpoint_every=3), tmp_path / "b",
                         resume=True, progress=False)
     assert [h["step"] for h in resumed["history"]] == [4, 5, 6]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]  # each step once after the resume
     import jax
     for x, y in zip(jax.tree.leaves(straight["params"]), jax.tree.leaves(resumed["params"])):
         assert np.array_equal(np.asarray(x), np.asarray(y))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -60,8 +61,17 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path):
                      train__precision="bf16")
     first = train(stopped, tmp_path / "resumed", device="cpu", progress=False)
     assert first["steps"] == 4
+    # killed between the two renames of a checkpoint swap: the complete new folder waits as .latest.tmp
+    ckpts = tmp_path / "resumed" / "checkpoints"
+    os.replace(ckpts / "latest", ckpts / ".latest.tmp")
+    shutil.copytree(ckpts / ".latest.tmp", ckpts / ".latest.old")
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # and it had logged a step past the checkpoint
+        f.write(json.dumps({"step": 5, "loss_total": 1.0}) + "\n" + '{"step": 6, "los')
     second = train(cfg, tmp_path / "resumed", device="cpu", resume=True, progress=False)
     assert second["steps"] == 8 and [h["step"] for h in second["history"]] == [5, 6, 7, 8]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest"]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [4, 8]  # each logged step once (log_every 10: the stop and the end)
     a = load_file(tmp_path / "straight/checkpoints/latest/model.safetensors")
     b = load_file(tmp_path / "resumed/checkpoints/latest/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
