@@ -25,7 +25,8 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def _major_minor(version: str) -> tuple[int, int]:
+def major_minor(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string, ignoring pre-release and local tags (``2.1.0+cu121`` -> (2, 1))."""
     m = re.match(r"(\d+)\.(\d+)", version)
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
@@ -35,7 +36,7 @@ def torch_numpy_conflict(torch_version: str | None, numpy_version: str | None) -
     NumPy 1.x: with NumPy 2 every ``torch.from_numpy`` / ``.numpy()`` fails ("Numpy is not available")."""
     if not torch_version or not numpy_version:
         return None
-    if _major_minor(torch_version) < (2, 3) and _major_minor(numpy_version) >= (2, 0):
+    if major_minor(torch_version) < (2, 3) and major_minor(numpy_version) >= (2, 0):
         return (f"torch {torch_version} needs NumPy 1.x but NumPy {numpy_version} is installed; "
                 "run: pip install 'numpy<2'")
     return None

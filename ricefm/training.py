@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ricefm.atomic import staged_dir, write_bytes_atomic, write_json_atomic
 from ricefm.batching import BatchStream, TokenSpec, collate_generative, split_cells, steps_per_epoch
 from ricefm.errors import RiceFMInputError
+from ricefm.init import initial_state
 from ricefm.shards import ShardedCells
 from ricefm.vocab import GeneVocab
 
@@ -125,8 +126,6 @@ class Plan:
 
     def initial_state(self) -> dict[str, np.ndarray]:
         """The published initial weights for this config and vocabulary (``ricefm.init``)."""
-        from ricefm.init import initial_state
-
         return initial_state(self.cfg.model, len(self.vocab), int(self.cfg.train.seed))
 
     def check_vocab(self, vocab: GeneVocab, source: str) -> None:

@@ -4,17 +4,14 @@ versions itself."""
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-from ricefm.environment import check_torch_numpy
+from ricefm.environment import check_torch_numpy, major_minor
 
 
 def torch_version(version: str | None = None) -> tuple[int, int]:
-    """(major, minor) of ``version`` (default: the running torch), ignoring local tags like ``+cpu``."""
-    m = re.match(r"(\d+)\.(\d+)", version or torch.__version__)
-    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    """(major, minor) of ``version`` (default: the running torch)."""
+    return major_minor(version or torch.__version__)
 
 
 def grad_scaler(device: torch.device, enabled: bool):
