@@ -6,11 +6,14 @@ config and the vocabulary — and written from it, so any format converts to any
 - seed:  ``best_model.pt`` (torch state dict) + ``args.json`` + ``vocab.json`` (needs torch)
 - torch: ``model.safetensors`` + ``config.json`` + ``vocab.json``
 - flax:  ``params/`` (orbax, Flax layout and paths) + ``config.json`` + ``vocab.json``
+
+Every folder written here also carries ``checksums.sha256`` (``ricefm.integrity``), which loading checks.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from ricefm import published
 from ricefm.atomic import staged_dir, write_json_atomic
 from ricefm.environment import check_torch_numpy
 from ricefm.errors import RiceFMInputError
+from ricefm.integrity import check_sealed, seal
 from ricefm.init import parameter_shapes
 from ricefm.vocab import GeneVocab
 
@@ -60,7 +64,10 @@ def _base_model_config() -> ml_collections.ConfigDict:
 
 
 def _read_meta(path: Path, fmt: str) -> tuple[ml_collections.ConfigDict, GeneVocab]:
-    meta = json.loads((path / CONFIG).read_text())
+    try:
+        meta = json.loads((path / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise RiceFMInputError(f"{path / CONFIG}: unreadable ({e}); restore the checkpoint from a copy") from None
     vocab = GeneVocab.load(path / published.VOCAB)
     if vocab.sha256() != meta.get("vocab_sha256"):
         raise RiceFMInputError(f"{path}: vocab.json does not match {CONFIG}'s vocab_sha256")
@@ -68,8 +75,23 @@ def _read_meta(path: Path, fmt: str) -> tuple[ml_collections.ConfigDict, GeneVoc
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Any format, detected; its files are checked against ``checksums.sha256`` first (when it has
+    one: folders written here do), and a file the format's reader cannot parse is one line."""
     path = Path(path)
     fmt = detect_format(path)
+    check_sealed(path)
+    try:
+        return _read(path, fmt)
+    except (RiceFMInputError, ImportError):
+        raise
+    except Exception as e:  # torch.load, safetensors and orbax each raise their own types for a damaged file
+        what = {"seed": published.WEIGHTS, "torch": SAFETENSORS, "flax": PARAMS + "/"}[fmt]
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise RiceFMInputError(f"{path / what}: unreadable {fmt} checkpoint ({type(e).__name__}: {reason}); "
+                               "it is truncated or damaged: restore it from a copy") from None
+
+
+def _read(path: Path, fmt: str) -> Checkpoint:
     if fmt == "seed":
         try:
             import torch
@@ -160,6 +182,7 @@ def write_checkpoint(ckpt: Checkpoint, folder: str | Path, fmt: str,
         checkpointer.save((folder / PARAMS).resolve(), tree)
         checkpointer.wait_until_finished()
         _write_meta(folder, ckpt, FLAX_FORMAT)
+    seal(folder)
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path, fmt: str,
@@ -168,8 +191,16 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path, fmt: str,
     if fmt not in FORMATS:
         raise RiceFMInputError(f"--to {fmt!r}: choose one of {', '.join(FORMATS)}")
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise RiceFMInputError(f"{path}: is a file; a checkpoint is a folder: choose a new destination")
+    if path.exists() and any(path.iterdir()):
         raise RiceFMInputError(f"{path}: exists and is not empty; choose a new destination")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.TemporaryFile(dir=path.parent)
+        probe.close()
+    except OSError as e:
+        raise RiceFMInputError(f"{path}: cannot write there ({e.strerror}); choose a writable destination") from None
     with staged_dir(path) as folder:
         write_checkpoint(ckpt, folder, fmt, data)
 

@@ -26,6 +26,7 @@ from ricefm.atomic import staged_dir, write_bytes_atomic, write_json_atomic
 from ricefm.batching import BatchStream, TokenSpec, collate_generative, split_cells, steps_per_epoch
 from ricefm.errors import RiceFMInputError
 from ricefm.init import initial_state
+from ricefm.locks import ExclusiveLock
 from ricefm.shards import ShardedCells
 from ricefm.vocab import GeneVocab
 
@@ -35,6 +36,7 @@ METRICS = "metrics.jsonl"
 BATCH_INPUTS = ("pcpt_gene_ids", "pcpt_values", "pcpt_key_padding_mask", "gen_gene_ids", "gen_target_values",
                 "gen_key_padding_mask", "mod_types")
 BEST = "best"
+LOCK = "run.lock"
 
 
 def check_workdir(workdir: Path) -> None:
@@ -55,11 +57,16 @@ class TrainingData:
     valid_cells: np.ndarray
 
 
-def open_training_data(cfg: ml_collections.ConfigDict) -> TrainingData:
-    """The config's dataset, its batch tokens and its seeded train/validation split."""
+def open_training_data(cfg: ml_collections.ConfigDict, share: tuple[int, int] = (0, 1)) -> TrainingData:
+    """The config's dataset, its batch tokens and its seeded train/validation split.
+
+    Every digest of this process's ``share`` (rank, world) of the shards is checked first, so a
+    damaged dataset stops the run before it writes anything.
+    """
     if not cfg.data.data_dir:
         raise RiceFMInputError("no data: pass --data DIR (a dataset built by `ricefm build-data`)")
     ds = ShardedCells(cfg.data.data_dir)
+    ds.verify(share)
     tokens = TokenSpec(pad_id=ds.vocab.pad_id, cls_id=ds.vocab.cls_id, pad_value=cfg.model.pad_value)
     return TrainingData(ds, tokens, *split_cells(len(ds), cfg.data.valid_fraction, cfg.data.seed))
 
@@ -111,6 +118,11 @@ class Plan:
     batch_per_process: int  # cells per micro-batch in this process (all its devices)
     total_steps: int
     stop_at: int
+    lock: ExclusiveLock | None = None  # the main process's hold on the workdir
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def vocab(self) -> GeneVocab:
@@ -136,12 +148,13 @@ class Plan:
 
 def plan(cfg: ml_collections.ConfigDict, workdir: str | Path, rank: int, world_size: int,
          batch_per_process: int) -> Plan:
-    """Check the settings and the workdir, open the data, count the steps."""
+    """Check the settings, open (and verify) the data, count the steps, then make and lock the workdir.
+
+    The returned plan holds the workdir's lock; the trainer releases it (:meth:`Plan.release`).
+    """
     check_settings(cfg)
     workdir = Path(workdir).resolve()
-    if rank == 0:
-        check_workdir(workdir)
-    data = open_training_data(cfg)
+    data = open_training_data(cfg, (rank, world_size))
     accum = int(cfg.optim.grad_accum_steps)
     micro_per_epoch = steps_per_epoch(len(data.train_cells), batch_per_process, world_size)
     if micro_per_epoch < accum:
@@ -149,7 +162,11 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str | Path, rank: int, world_s
                                f"batches of {batch_per_process} per process; lower --config.data.batch_size")
     total = int(cfg.train.max_steps) or int(cfg.train.epochs) * (micro_per_epoch // accum)
     stop_at = min(total, int(cfg.train.stop_at_step) or total)
-    return Plan(cfg, workdir, data, rank, world_size, batch_per_process, total, stop_at)
+    lock = None
+    if rank == 0:  # every check passed: now the workdir is made, and held against a second run
+        check_workdir(workdir)
+        lock = ExclusiveLock(workdir / LOCK, f"--workdir {workdir}").acquire()
+    return Plan(cfg, workdir, data, rank, world_size, batch_per_process, total, stop_at, lock)
 
 
 def validation_batches(p: Plan) -> Iterator[dict[str, np.ndarray]]:

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from converters.formats import load_checkpoint
 from ricefm import training
 from ricefm.batching import pad_generative
+from ricefm.integrity import check_sealed, seal
 from ricefm.training import BATCH_INPUTS, LOSS_NAMES
 from ricefm_jax import devices
 from ricefm_jax.checkpoints import save_flax_model
@@ -165,11 +166,17 @@ class JaxSteps:
             params=ocp.args.StandardSave(self.params), opt_state=ocp.args.StandardSave(self.opt_state),
             meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
+        if jax.process_index() == 0:  # digests of the finished step folder; restore checks them
+            seal(self._step_dir(meta["step"]))
+
+    def _step_dir(self, step: int) -> Path:
+        return Path(self.manager.directory) / str(step)
 
     def restore(self) -> dict[str, Any] | None:
         latest = self.manager.latest_step()
         if latest is None:
             return None
+        check_sealed(self._step_dir(latest), "training checkpoint")
         restored = self.manager.restore(latest, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(self.params), opt_state=ocp.args.StandardRestore(self.opt_state),
             meta=ocp.args.JsonRestore()))
@@ -198,7 +205,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "au
     mesh_devices = devices.resolve_devices(device)
     local = sum(d.process_index == jax.process_index() for d in mesh_devices)
     p = training.plan(cfg, workdir, jax.process_index(), jax.process_count(), int(cfg.data.batch_size) * local)
-    steps = JaxSteps(p, mesh_devices)
 
     def make_writer(logdir: str):
         from tensorboardX import SummaryWriter
@@ -206,9 +212,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "au
         return SummaryWriter(logdir)
 
     try:
-        return training.run(p, steps, resume, make_writer, pad_to_max=True, progress=progress, name="ricefm_jax.train")
+        steps = JaxSteps(p, mesh_devices)
+        try:
+            return training.run(p, steps, resume, make_writer, pad_to_max=True, progress=progress,
+                                name="ricefm_jax.train")
+        finally:
+            steps.close()
     finally:
-        steps.close()
+        p.release()
 
 
 if __name__ == "__main__":

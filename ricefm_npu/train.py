@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ricefm import training
 from ricefm.atomic import recover_dir, staged_dir
+from ricefm.integrity import seal
 from ricefm.training import BATCH_INPUTS, LOSS_NAMES
 from ricefm_npu import compat, devices
 from ricefm_npu.checkpoints import load_torch_checkpoint, save_native, save_published, strict_load
@@ -140,6 +141,7 @@ class TorchSteps:
                 torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                             "scaler": self.scaler.state_dict(), "rng": devices.rng_state(self.env.device),
                             "meta": meta}, folder / STATE_FILE)
+                seal(folder)  # now covering the training state too; restore checks it
         self.env.barrier()
 
     def restore(self) -> dict[str, Any] | None:
@@ -173,14 +175,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "au
     env = _Distributed(device)
     try:
         p = training.plan(cfg, workdir, env.rank, env.world_size, int(cfg.data.batch_size))
-        steps = TorchSteps(p, env)
 
         def make_writer(logdir: str):
             from torch.utils.tensorboard import SummaryWriter
 
             return SummaryWriter(logdir)
 
-        return training.run(p, steps, resume, make_writer, progress=progress, name="ricefm_npu.train")
+        try:
+            return training.run(p, TorchSteps(p, env), resume, make_writer, progress=progress, name="ricefm_npu.train")
+        finally:
+            p.release()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -25,6 +25,8 @@ from ricefm.atomic import staged_dir
 from ricefm.binning import bin_cells
 from ricefm.errors import RiceFMInputError
 from ricefm.gene_maps import load_gene_map
+from ricefm.integrity import file_table
+from ricefm.locks import ExclusiveLock
 from ricefm.shards import store
 from ricefm.shards.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, MODALITY_NAMES, Manifest, load_manifest
 from ricefm.shards.gene_space import VocabMapping, modality_codes, translated_genes
@@ -172,7 +174,9 @@ def _write_shard(k: int, rows: tuple[int, int], inputs: list[_Input], categories
     final = staging / f"shard-{k:05d}"
     with staged_dir(final) as tmp:  # a killed build leaves no half shard under the final name
         info, dropped = _fill_shard(_ShardWriter(tmp, categories), rows, inputs, block_cells, progress, kill_counter)
-    return {"name": final.name, "complete": True, "rows": [rows[0], rows[1]], **info, "cells_dropped": dropped}
+        files = file_table(tmp)  # sizes and digests that readers and `ricefm verify` check
+    return {"name": final.name, "complete": True, "rows": [rows[0], rows[1]], **info, "cells_dropped": dropped,
+            "files": files}
 
 
 def _fill_shard(writer: _ShardWriter, rows: tuple[int, int], inputs: list[_Input], block_cells: int,
@@ -243,9 +247,14 @@ def build_dataset(inputs: Sequence[str | Path], output: str | Path, vocab_path: 
     if not inputs:
         raise RiceFMInputError("build-data needs at least one input .h5ad file")
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise RiceFMInputError(f"--output {output}: is a file; choose a new folder")
     staging = output.with_name(output.name + ".partial")
     plan, vocab, categories = _plan_inputs(inputs, opts, vocab_path)
+    lock = None
     try:
+        # one build per output: a second one stops here, naming the first (the lock sits beside the dataset)
+        lock = ExclusiveLock(output.with_name(output.name + ".lock"), f"--output {output}").acquire()
         fresh = _new_manifest(plan, vocab, categories, opts)
         if output.exists():
             if (output / MANIFEST_NAME).is_file():
@@ -307,6 +316,8 @@ def build_dataset(inputs: Sequence[str | Path], output: str | Path, vocab_path: 
     finally:
         for i in plan:
             i.source.close()
+        if lock is not None:
+            lock.release()
 
 
 def format_summary(manifest: dict[str, Any], output: str | Path) -> str:

@@ -15,7 +15,7 @@ from ricefm.atomic import write_json_atomic
 from ricefm.errors import RiceFMInputError
 
 FORMAT_NAME = "ricefm-cell-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: CRC32C per chunk, every chunk stored, per-file sizes and SHA-256 in the manifest
 MANIFEST_NAME = "manifest.json"
 MODALITY_NAMES = ("scrna", "spatial")
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import tensorstore as ts
 
 from ricefm.errors import RiceFMInputError
+from ricefm.integrity import summarize, table_problems
 from ricefm.shards import store
 from ricefm.shards.manifest import Manifest, load_manifest
 from ricefm.vocab import GeneVocab
@@ -46,11 +47,13 @@ class PendingRead:
     lengths: np.ndarray
     modality: np.ndarray
     futures: dict[str, list]
+    shards: list[int]
+    reader: "ShardedCells"
 
     def result(self) -> CellBatch:
         arrays = {}
         for name, futs in self.futures.items():
-            parts = [f.result() for f in futs]
+            parts = [self.reader._result(k, name, f) for k, f in zip(self.shards, futs)]
             arrays[name] = np.concatenate(parts) if parts else np.zeros(0, store.NONZERO_ARRAYS[name])
         return CellBatch(indices=self.indices, lengths=self.lengths, modality=self.modality, arrays=arrays)
 
@@ -68,6 +71,40 @@ class ShardedCells:
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._open: dict[tuple[int, str], object] = {}
         self._index: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._check(self.problems(full=False))
+
+    def problems(self, full: bool, share: tuple[int, int] = (0, 1), on_bytes: Callable[[int], object] | None = None
+                 ) -> list[str]:
+        """Files that differ from the manifest. Cheap (``full`` False): presence and size of every
+        file, digests of the metadata; full: every digest, of this ``(rank, world)`` share of the
+        shards (so that processes opening one dataset split the work)."""
+        found = []
+        rank, world = share
+        for k, shard in enumerate(self.manifest.shards):
+            if full and k % world != rank:
+                continue
+            found += [f"{shard['name']}/{p}" for p in table_problems(
+                self.directory / shard["name"], shard["files"], full, on_bytes, lambda rel: rel.endswith("zarr.json"))]
+        return found
+
+    def verify(self, share: tuple[int, int] = (0, 1)) -> None:
+        """Check every digest of this process's share of the shards (see :meth:`problems`)."""
+        self._check(self.problems(full=True, share=share))
+
+    def _check(self, problems: list[str]) -> None:
+        if problems:
+            raise RiceFMInputError(f"{self.directory}: damaged dataset: {summarize(problems)}; rebuild it with "
+                                   f"`ricefm build-data` (`ricefm verify {self.directory}` lists every file)")
+
+    def _result(self, shard: int, name: str, future) -> np.ndarray:
+        """A read's data; a damaged or missing chunk (CRC32C, fill_missing_data_reads) is one line."""
+        try:
+            return future.result()
+        except ValueError as e:
+            where = self.directory / self.manifest.shards[shard]["name"] / name
+            reason = str(e).split(":")[0]
+            raise RiceFMInputError(f"{where}: unreadable chunk ({reason}: {str(e)[len(reason) + 1:].strip()[:160]}); "
+                                   f"the dataset is damaged: `ricefm verify {self.directory}`, then rebuild it") from None
 
     def __len__(self) -> int:
         return int(self.shard_starts[-1])
@@ -75,14 +112,19 @@ class ShardedCells:
     def _array(self, shard: int, name: str):
         key = (shard, name)
         if key not in self._open:
-            self._open[key] = store.open_array(self.directory / self.manifest.shards[shard]["name"] / name)
+            path = self.directory / self.manifest.shards[shard]["name"] / name
+            try:
+                self._open[key] = store.open_array(path)
+            except ValueError as e:
+                raise RiceFMInputError(f"{path}: cannot open ({str(e)[:160]}); the dataset is damaged: "
+                                       f"`ricefm verify {self.directory}`, then rebuild it") from None
         return self._open[key]
 
     def _cell_index(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """A shard's per-cell offsets and modality (9 bytes a cell), read once and kept."""
         if shard not in self._index:
-            self._index[shard] = (self._array(shard, "offsets").read().result(),
-                                  self._array(shard, "modality").read().result())
+            self._index[shard] = (self._result(shard, "offsets", self._array(shard, "offsets").read()),
+                                  self._result(shard, "modality", self._array(shard, "modality").read()))
         return self._index[shard]
 
     def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +160,7 @@ class ShardedCells:
             for a in arrays:
                 for k, s, n in zip(shard.tolist(), starts.tolist(), lengths.tolist()):
                     futures[a].append(self._array(k, a)[s:s + n].read(batch=batch))
-        return PendingRead(indices, lengths, modality, futures)
+        return PendingRead(indices, lengths, modality, futures, shard.tolist(), self)
 
     def obs_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
         """Integer codes of a kept obs column for every cell (-1 = missing), and its categories."""
@@ -126,8 +168,9 @@ class ShardedCells:
             raise RiceFMInputError(
                 f"{self.directory}: obs column {column!r} was not kept; kept: {list(self.manifest.obs_columns) or 'none'} "
                 "(rebuild with --keep-obs)")
-        codes = [self._array(k, f"obs/{column}").read().result() for k in range(len(self.manifest.shards))]
+        codes = [self._result(k, f"obs/{column}", self._array(k, f"obs/{column}").read())
+                 for k in range(len(self.manifest.shards))]
         return np.concatenate(codes), list(self.manifest.obs_columns[column])
 
     def modality(self) -> np.ndarray:
-        return np.concatenate([self._array(k, "modality").read().result() for k in range(len(self.manifest.shards))])
+        return np.concatenate([self._cell_index(k)[1] for k in range(len(self.manifest.shards))])

@@ -3,6 +3,11 @@
 Per-non-zero arrays (``gene_ids``, ``values``, ``bins``) use zarr's sharding codec: 4,096-element
 inner chunks (a random cell decodes little beyond itself) packed into 1 Mi-element shard files
 (few files, whole-file writes). Per-cell arrays are small and use plain chunks.
+
+Every chunk ends in a CRC32C (zarr's ``crc32c`` codec) that TensorStore checks on each decode,
+every chunk is stored (even one equal to the fill value), and readers open arrays with
+``fill_missing_data_reads`` off: a damaged chunk or a missing one is an error at the read that
+meets it, never zeros.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ def _compressor(dtype: np.dtype) -> dict[str, Any]:
 
 def _metadata(dtype: np.dtype, per_nonzero: bool, attributes: dict | None) -> dict[str, Any]:
     dtype = np.dtype(dtype)
-    inner = [{"name": "bytes", "configuration": {"endian": "little"}}, _compressor(dtype)]
+    inner = [{"name": "bytes", "configuration": {"endian": "little"}}, _compressor(dtype), {"name": "crc32c"}]
     if per_nonzero:
         codecs = [{"name": "sharding_indexed", "configuration": {
             "chunk_shape": [INNER_CHUNK], "codecs": inner,
@@ -54,13 +59,14 @@ def _metadata(dtype: np.dtype, per_nonzero: bool, attributes: dict | None) -> di
 
 def create_array(path: Path, dtype, per_nonzero: bool, attributes: dict | None = None) -> ts.TensorStore:
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
-            "metadata": _metadata(dtype, per_nonzero, attributes), "create": True, "delete_existing": True}
+            "metadata": _metadata(dtype, per_nonzero, attributes), "create": True, "delete_existing": True,
+            "store_data_equal_to_fill_value": True}
     return ts.open(spec, context=_CONTEXT).result()
 
 
 def open_array(path: Path) -> ts.TensorStore:
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}, "open": True,
-            "recheck_cached_data": False, "recheck_cached_metadata": False}
+            "recheck_cached_data": False, "recheck_cached_metadata": False, "fill_missing_data_reads": False}
     return ts.open(spec, context=_CONTEXT, read=True).result()
 
 
