@@ -32,6 +32,30 @@ BLOCK_CELLS = 4096
 LENGTH_MULTIPLE = 32  # batch lengths rounded up: a compiled (XLA) backend sees few shapes
 
 
+def check_embed_settings(batch_size: int, max_seq_len: int | None) -> None:
+    """Lengths and batch sizes that cannot embed stop here, before any model is loaded."""
+    if int(batch_size) < 1:
+        raise RiceFMInputError(f"--batch-size {batch_size}: must be at least 1")
+    if max_seq_len is not None and int(max_seq_len) < 2:
+        raise RiceFMInputError(f"--max-seq-len {max_seq_len}: must be at least 2 (<cls> and one gene)")
+
+
+def check_output_file(input_path: str | Path, output_path: str | Path) -> None:
+    """An output .h5ad that can be written and is not the input (checked before any work)."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not input_path.is_file():
+        raise RiceFMInputError(f"--input {input_path}: input file not found")
+    if output_path.resolve() == input_path.resolve():
+        raise RiceFMInputError(f"--output {output_path}: must differ from --input")
+    if output_path.is_dir():
+        raise RiceFMInputError(f"--output {output_path}: is a folder; name the .h5ad file to write")
+    parent = output_path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise RiceFMInputError(f"--output {output_path}: {parent} is not writable; choose another location")
+
+
 def load_embedder(backend: str, checkpoint: str | Path, device: str = "auto") -> Embedder:
     """The named backend's embedder for ``checkpoint`` on ``device`` (through ``ricefm.backends``)."""
     return get_backend(backend).load_embedder(checkpoint, device=device)
@@ -93,8 +117,8 @@ def embed_h5ad(input_path: str | Path, output_path: str | Path, embedder: Embedd
                gene_column: str | None = None, gene_map: str | None = None, modality: str = "scrna",
                min_gene_fraction: float = 0.1, progress: bool = True) -> dict[str, Any]:
     input_path, output_path = Path(input_path), Path(output_path)
-    if output_path.resolve() == input_path.resolve():
-        raise RiceFMInputError(f"--output {output_path}: must differ from --input")
+    check_embed_settings(batch_size, max_seq_len)
+    check_output_file(input_path, output_path)
     max_seq_len = int(max_seq_len or embedder.model_config.get("max_seq_len", 1200))
     src = H5adSource.open(input_path, layer=layer, gene_column=gene_column)
     try:

@@ -392,13 +392,73 @@ def define_flags() -> dict[str, Any]:
     }
 
 
+def _config_path(argv: Sequence[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _leaf_names(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    names = []
+    for k, v in cfg.items():
+        names += _leaf_names(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else [f"{prefix}{k}"]
+    return names
+
+
+def override_problem(argv: Sequence[str]) -> str | None:
+    """The first ``--config.FIELD`` override naming no field of the config, as one line with the
+    closest names (ml-collections would raise a long traceback); None when all exist."""
+    import difflib
+    import importlib.util
+
+    path = _config_path(argv)
+    if path is None:
+        return "--config is required (e.g. --config configs/ricefm_base.py)"
+    file, _, arg = path.partition(":")
+    if not Path(file).is_file():
+        return f"--config {file}: no such file (e.g. configs/ricefm_base.py, configs/tiny.py)"
+    spec = importlib.util.spec_from_file_location("_ricefm_config_check", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config(arg) if arg else module.get_config()
+    names = _leaf_names(cfg)
+    for a in argv:
+        if not a.startswith("--config."):
+            continue
+        field = a[len("--config."):].split("=", 1)[0]
+        if field in names or any(n.startswith(field + ".") for n in names):
+            continue
+        close = difflib.get_close_matches(field, names, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join('--config.' + c for c in close)}?" if close else \
+            f"fields: {', '.join(sorted({n.split('.')[0] + '.*' for n in names}))}"
+        return f"--config.{field}: {file} has no such field; {hint}"
+    return None
+
+
+def launch(train: Callable[..., dict[str, Any]]) -> None:
+    """The trainers' ``__main__``: flags, a one-line check of ``--config.`` overrides, then :func:`main`."""
+    import sys
+
+    from absl import app
+
+    flag_values = define_flags()
+    problem = override_problem(sys.argv[1:])
+    if problem is not None:
+        print(f"{Path(sys.argv[0]).parent.name}.{Path(sys.argv[0]).stem}: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    app.run(lambda argv: main(flag_values, train))
+
+
 def main(flag_values: dict[str, Any], train: Callable[..., dict[str, Any]]) -> None:
     """Run ``train(cfg, workdir, device, resume)`` from the flags; bad input is one usage line."""
     from absl import app, logging
 
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every file operation / platform probe at INFO
     if flag_values["config"].value is None or flag_values["workdir"].value is None:
-        raise app.UsageError("--config and --workdir are required")
+        raise app.UsageError("--config and --workdir are required", exitcode=2)
     cfg = flag_values["config"].value
     if flag_values["data"].value:
         cfg.data.data_dir = flag_values["data"].value
@@ -406,7 +466,7 @@ def main(flag_values: dict[str, Any], train: Callable[..., dict[str, Any]]) -> N
         summary = train(cfg, flag_values["workdir"].value, device=flag_values["device"].value,
                         resume=flag_values["resume"].value)
     except RiceFMInputError as e:
-        raise app.UsageError(str(e)) from None
+        raise app.UsageError(str(e), exitcode=2) from None
     if summary["history"] and summary.get("main", True):
         last = summary["history"][-1]
         print(f"done: {summary['steps']}/{summary['total_steps']} steps, {summary['description']}; last loss "

@@ -19,7 +19,7 @@ import numpy as np
 from converters.formats import load_checkpoint
 from ricefm.atomic import staged_dir
 from ricefm.cells import TokenizedCells
-from ricefm.embed import BLOCK_CELLS, embed_cells, embed_tokenized, load_embedder
+from ricefm.embed import BLOCK_CELLS, check_embed_settings, embed_cells, embed_tokenized, load_embedder
 from ricefm.evaluate import annotation as ann
 from ricefm.evaluate.clustering import pca_baseline, zero_shot_metrics
 from ricefm.evaluate.datasets import EvalDataset
@@ -80,6 +80,7 @@ def run_benchmark(checkpoint: str | Path, dataset: EvalDataset, backends: Sequen
                   min_gene_fraction: float = 0.1, progress: bool = True,
                   annotation: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
     """Score ``checkpoint`` on ``dataset`` with each backend; the report, also written to ``output``."""
+    check_embed_settings(batch_size, max_seq_len)
     vocab = load_checkpoint(checkpoint).vocab
     src = H5adSource.open(dataset.path)
     try:

@@ -1,4 +1,5 @@
-"""The ``ricefm`` command line. Bad input ends with one line on stderr and exit code 2.
+"""The ``ricefm`` command line. Bad input ends with one line on stderr and exit code 2
+(``ricefm verify`` exits 1 when it finds damage).
 
 The top layer (DESIGN.md section 1): it reaches the backends through the registry
 (``ricefm.backends``) and checkpoints through ``converters``.
@@ -24,7 +25,7 @@ def _build_data(args: argparse.Namespace) -> None:
         layer=args.layer, gene_column=args.gene_column, modality=args.modality,
         keep_obs=tuple(c for c in (args.keep_obs or "").split(",") if c),
         cells_per_shard=args.cells_per_shard, gene_map=args.gene_map,
-        min_gene_fraction=args.min_gene_fraction, build_vocab=args.build_vocab)
+        min_gene_fraction=args.min_gene_fraction, build_vocab=args.build_vocab, allow_non_counts=args.allow_non_counts)
     manifest = build_dataset(args.inputs, args.output, vocab_path=args.vocab, options=opts, progress=not args.quiet)
     if args.build_vocab and args.vocab:
         _export_vocab(args.output, args.vocab)
@@ -46,8 +47,10 @@ def _export_vocab(dataset: str, path: str) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from ricefm.embed import embed_h5ad, load_embedder
+    from ricefm.embed import check_embed_settings, check_output_file, embed_h5ad, load_embedder
 
+    check_embed_settings(args.batch_size, args.max_seq_len)
+    check_output_file(args.input, args.output)
     embedder = load_embedder(args.backend, args.checkpoint, device=args.device)
     info = embed_h5ad(args.input, args.output, embedder, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
                       selection=args.selection, layer=args.layer, gene_column=args.gene_column,
@@ -70,8 +73,12 @@ def _benchmark(args: argparse.Namespace) -> None:
     from ricefm.evaluate.annotation import annotation_config
     from ricefm.evaluate.datasets import resolve_dataset
     from ricefm.evaluate.report import markdown
+    from ricefm.embed import check_embed_settings
     from ricefm_cli.benchmark import run_benchmark
 
+    check_embed_settings(args.batch_size, args.max_seq_len)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise RiceFMInputError(f"--output {args.output}: is a file; the report is a folder, choose another name")
     exclude = None if args.exclude_labels is None else tuple(x for x in args.exclude_labels.split(",") if x)
     dataset = resolve_dataset(args.dataset, args.label_key, exclude)
     backends = [b for b in args.backends.split(",") if b]
@@ -85,6 +92,14 @@ def _benchmark(args: argparse.Namespace) -> None:
                            annotation=annotation)
     print(markdown(report))
     print(f"wrote {args.output}/: " + ", ".join(sorted(p.name for p in Path(args.output).iterdir())))
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from ricefm_cli.verify import format_report, verify
+
+    report = verify(args.path, progress=not args.quiet)
+    print(format_report(report))
+    return 1 if report["problems"] else 0
 
 
 def _doctor(args: argparse.Namespace) -> None:
@@ -114,6 +129,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--cells-per-shard", type=int, default=DEFAULT_CELLS_PER_SHARD)
     b.add_argument("--min-gene-fraction", type=float, default=DEFAULT_MIN_GENE_FRACTION,
                    help="error if fewer than this fraction of a file's genes are in the vocabulary")
+    b.add_argument("--allow-non-counts", action="store_true",
+                   help="build from non-integer (normalized or log) values instead of refusing them; recorded in the manifest")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_build_data)
 
@@ -159,6 +176,12 @@ def make_parser() -> argparse.ArgumentParser:
     k.add_argument("--quiet", action="store_true")
     k.set_defaults(func=_benchmark)
 
+    v = sub.add_parser("verify", help="check every file of a dataset or checkpoint against its recorded SHA-256 "
+                                      "digests (exit 1 when something differs)")
+    v.add_argument("path", help="dataset folder (manifest.json) or checkpoint folder")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=_verify)
+
     d = sub.add_parser("doctor", help="what this machine offers each backend: versions, CUDA/NPU/CANN, JAX devices, "
                                       "and the attention and precision training and embedding would use")
     d.add_argument("--device", default="auto", help="auto | npu | cuda | tpu | cpu: the device to report on")
@@ -169,11 +192,10 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
-        args.func(args)
+        return int(args.func(args) or 0)
     except RiceFMInputError as e:
         print(f"ricefm {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -223,7 +223,4 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "au
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    _flags = training.define_flags()
-    app.run(lambda argv: training.main(_flags, train))
+    training.launch(train)

@@ -5,7 +5,9 @@ written. The dataset is assembled in ``OUTPUT.partial/`` and renamed to ``OUTPUT
 shards are done, so a finished dataset is never half-written. Each shard is written into a
 temporary folder and renamed when complete, and the manifest records it; re-running the same
 command after an interruption rebuilds only the missing shards. Values that are not raw counts
-(negative, NaN, infinite) abort the build and remove the partial output.
+(negative, NaN, infinite; non-integer unless ``allow_non_counts``) abort the build and remove the
+partial output: a sample of each file is checked before anything is written
+(``H5adSource.check_counts``), and every block as it is read.
 """
 
 from __future__ import annotations
@@ -50,13 +52,14 @@ class BuildOptions:
     gene_map: str | None = None
     min_gene_fraction: float = DEFAULT_MIN_GENE_FRACTION
     build_vocab: bool = False
+    allow_non_counts: bool = False  # build from normalized / log values knowingly (recorded in the manifest)
     block_cells: int = 1024  # rows read per step (bounds memory); not part of the dataset's identity
 
     def as_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "gene_column": self.gene_column, "modality": self.modality,
                 "keep_obs": list(self.keep_obs), "cells_per_shard": self.cells_per_shard,
                 "gene_map": self.gene_map, "min_gene_fraction": self.min_gene_fraction,
-                "build_vocab": self.build_vocab}
+                "build_vocab": self.build_vocab, "allow_non_counts": self.allow_non_counts}
 
 
 @dataclass
@@ -74,6 +77,8 @@ def _plan_inputs(paths: Sequence[str | Path], opts: BuildOptions, vocab_path: st
     try:
         for p in paths:
             sources.append(H5adSource.open(p, layer=opts.layer, gene_column=opts.gene_column))
+            sources[-1].require_integers = not opts.allow_non_counts
+        counts = [s.check_counts() for s in sources]  # a sample first, so that normalized data stops at once
         gene_map = load_gene_map(opts.gene_map) if opts.gene_map else None
         mapped_genes = [translated_genes(s, gene_map) for s in sources]
         if opts.build_vocab:
@@ -87,7 +92,7 @@ def _plan_inputs(paths: Sequence[str | Path], opts: BuildOptions, vocab_path: st
                 values.update(s.obs_column(column, "--keep-obs").dropna().astype(str))
             categories[column] = sorted(values)
         inputs = []
-        for s, (genes, n_by_table) in zip(sources, mapped_genes):
+        for s, (genes, n_by_table), sample in zip(sources, mapped_genes, counts):
             mapping = VocabMapping.build(s, genes, vocab, opts.min_gene_fraction, opts.gene_column, opts.gene_map,
                                          n_by_table)
             obs_codes = {}
@@ -98,7 +103,7 @@ def _plan_inputs(paths: Sequence[str | Path], opts: BuildOptions, vocab_path: st
             inputs.append(_Input(
                 source=s, mapping=mapping, modality=modality_codes(s, opts.modality), obs_codes=obs_codes,
                 stats={"path": str(s.path.resolve()), "field": s.field, "n_obs": s.n_obs, "n_vars": s.n_vars,
-                       "file_bytes": s.path.stat().st_size, **mapping.stats}))
+                       "file_bytes": s.path.stat().st_size, **mapping.stats, "counts_check": sample}))
         return inputs, vocab, categories
     except BaseException:
         for s in sources:
@@ -244,6 +249,8 @@ def build_dataset(inputs: Sequence[str | Path], output: str | Path, vocab_path: 
     opts = options or BuildOptions()
     if opts.cells_per_shard < 1:
         raise RiceFMInputError(f"--cells-per-shard must be >= 1, got {opts.cells_per_shard}")
+    if not 0 <= opts.min_gene_fraction <= 1:
+        raise RiceFMInputError(f"--min-gene-fraction {opts.min_gene_fraction}: a fraction between 0 and 1")
     if not inputs:
         raise RiceFMInputError("build-data needs at least one input .h5ad file")
     output = Path(output)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ricefm.atomic import write_json_atomic
 from ricefm.errors import RiceFMInputError
+from ricefm.integrity import table_problems
 
 FORMAT_NAME = "ricefm-cell-shards"
 FORMAT_VERSION = 2  # 2: CRC32C per chunk, every chunk stored, per-file sizes and SHA-256 in the manifest
@@ -39,6 +40,25 @@ class Manifest:
     @property
     def obs_columns(self) -> dict[str, list[str]]:
         return self.data["obs_columns"]
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all shard files, as recorded."""
+        return sum(int(f["bytes"]) for s in self.shards for f in s.get("files", {}).values())
+
+    def problems(self, directory: Path, full: bool, share: tuple[int, int] = (0, 1),
+                 on_bytes: Callable[[int], object] | None = None) -> list[str]:
+        """Shard files that differ from this manifest. Cheap (``full`` False): presence and size of
+        every file and the digests of the zarr metadata; full: every digest, of this ``(rank, world)``
+        share of the shards (so that processes opening one dataset split the work)."""
+        found = []
+        rank, world = share
+        for k, shard in enumerate(self.shards):
+            if full and k % world != rank:
+                continue
+            found += [f"{shard['name']}/{p}" for p in table_problems(
+                Path(directory) / shard["name"], shard["files"], full, on_bytes, lambda rel: rel.endswith("zarr.json"))]
+        return found
 
     def save(self, directory: Path) -> None:
         write_json_atomic(Path(directory) / MANIFEST_NAME, self.data)

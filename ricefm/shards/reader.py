@@ -15,7 +15,7 @@ import numpy as np
 import tensorstore as ts
 
 from ricefm.errors import RiceFMInputError
-from ricefm.integrity import summarize, table_problems
+from ricefm.integrity import summarize
 from ricefm.shards import store
 from ricefm.shards.manifest import Manifest, load_manifest
 from ricefm.vocab import GeneVocab
@@ -75,17 +75,8 @@ class ShardedCells:
 
     def problems(self, full: bool, share: tuple[int, int] = (0, 1), on_bytes: Callable[[int], object] | None = None
                  ) -> list[str]:
-        """Files that differ from the manifest. Cheap (``full`` False): presence and size of every
-        file, digests of the metadata; full: every digest, of this ``(rank, world)`` share of the
-        shards (so that processes opening one dataset split the work)."""
-        found = []
-        rank, world = share
-        for k, shard in enumerate(self.manifest.shards):
-            if full and k % world != rank:
-                continue
-            found += [f"{shard['name']}/{p}" for p in table_problems(
-                self.directory / shard["name"], shard["files"], full, on_bytes, lambda rel: rel.endswith("zarr.json"))]
-        return found
+        """See :meth:`Manifest.problems`."""
+        return self.manifest.problems(self.directory, full, share, on_bytes)
 
     def verify(self, share: tuple[int, int] = (0, 1)) -> None:
         """Check every digest of this process's share of the shards (see :meth:`problems`)."""

@@ -20,6 +20,14 @@ import scipy.sparse as sp
 from ricefm.errors import RiceFMInputError
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+COUNTS_SAMPLE_BLOCKS, COUNTS_SAMPLE_ROWS = 4, 256  # the raw-count check reads at most 1,024 cells a file
+
+
 @dataclass
 class H5adSource:
     """An open h5ad file: gene ids, obs table and a row-block reader for one matrix field."""
@@ -33,6 +41,7 @@ class H5adSource:
     encoding: str
     _file: h5py.File
     _matrix: object
+    require_integers: bool = False  # refuse non-integer values (normalized / log data) in read_rows
 
     @classmethod
     def open(cls, path: str | Path, layer: str | None = None, gene_column: str | None = None) -> "H5adSource":
@@ -41,7 +50,11 @@ class H5adSource:
             raise RiceFMInputError(f"{path}: input file not found")
         if not h5py.is_hdf5(path):
             raise RiceFMInputError(f"{path}: not an h5ad file (not HDF5); write it with AnnData.write_h5ad")
-        f = h5py.File(path, "r")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise RiceFMInputError(f"{path}: unreadable h5ad ({_first_line(e)}); the file is truncated or damaged: "
+                                   "copy or write it again") from None
         try:
             if "obs" not in f or "var" not in f or "X" not in f and layer is None:
                 raise RiceFMInputError(f"{path}: not an h5ad file (no obs/var/X groups); write it with AnnData.write_h5ad")
@@ -70,12 +83,18 @@ class H5adSource:
                 encoding, matrix, shape = "dense", node, tuple(node.shape)
             if shape != (len(obs), len(var)):
                 raise RiceFMInputError(f"{path}: {field} shape {shape} does not match obs x var ({len(obs)}, {len(var)})")
+            if 0 in shape:
+                raise RiceFMInputError(f"{path}: {field} has {shape[0]} cells x {shape[1]} genes; nothing to read")
             dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique()
             if len(dup):
                 col = gene_column or "var_names"
                 raise RiceFMInputError(
                     f"{path}: {len(dup)} duplicate gene id(s) in {col}, e.g. {', '.join(map(str, dup[:5]))}; "
                     "make them unique (sum or drop duplicated genes) before building")
+        except OSError as e:  # h5py: a truncated or damaged file (its superblock was readable)
+            f.close()
+            raise RiceFMInputError(f"{path}: unreadable h5ad ({_first_line(e)}); the file is truncated or damaged: "
+                                   "copy or write it again") from None
         except BaseException:
             f.close()
             raise
@@ -83,6 +102,13 @@ class H5adSource:
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``[start, stop)`` as float32 CSR, after checking the values are counts-like."""
+        try:
+            return self._read_rows(start, stop)
+        except OSError as e:
+            raise RiceFMInputError(f"{self.path}: {self.field} rows {start}..{stop} unreadable ({_first_line(e)}); "
+                                   "the file is truncated or damaged: copy or write it again") from None
+
+    def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         if self.encoding == "dense":  # at most ~16M dense values in memory at a time
             step = max(1, DENSE_BLOCK_VALUES // max(1, self.n_vars))
             block = sp.vstack([sp.csr_matrix(self._matrix[r:min(r + step, stop)]) for r in range(start, stop, step)],
@@ -95,6 +121,12 @@ class H5adSource:
             data = data.astype(np.float32)
             block = sp.csr_matrix((data, block.indices, block.indptr), shape=block.shape)
         bad = ~np.isfinite(data) | (data < 0)
+        if self.require_integers and not bad.any():
+            fractional = data != np.floor(data)
+            if fractional.any():
+                k = int(np.flatnonzero(fractional)[0])
+                row = start + int(np.searchsorted(block.indptr, k, side="right") - 1)
+                raise RiceFMInputError(self._non_counts_message(float(data[k]), row, int(block.indices[k])))
         if bad.any():
             k = int(np.flatnonzero(bad)[0])
             row = start + int(np.searchsorted(block.indptr, k, side="right") - 1)
@@ -105,6 +137,35 @@ class H5adSource:
                 f"{row} ({self.obs.index[row]!r}), gene {self.genes[block.indices[k]]!r}; riceFM needs raw counts "
                 "(non-negative, finite): pass --layer with the raw-count layer")
         return block
+
+    def _non_counts_message(self, value: float, row: int, gene: int) -> str:
+        layers = sorted(self._file["layers"].keys()) if "layers" in self._file else []
+        return (f"{self.path}: {self.field} holds non-integer values, e.g. {value:g} at cell {row} "
+                f"({self.obs.index[row]!r}), gene {self.genes[gene]!r}: it looks normalized or log-transformed, and "
+                f"riceFM is pretrained on raw counts; pass --layer with the raw counts (layers here: "
+                f"{', '.join(layers) or 'none'}), or --allow-non-counts to build from these values knowingly")
+
+    def check_counts(self, sample_blocks: int = COUNTS_SAMPLE_BLOCKS, block_rows: int = COUNTS_SAMPLE_ROWS
+                     ) -> dict[str, int]:
+        """Read ``sample_blocks`` evenly spaced blocks of ``block_rows`` cells (at most 1,024 cells by
+        default, whatever the file's size) and count the non-integer values among their non-zeros;
+        refuses them when ``require_integers``. The build then checks every block it writes."""
+        starts = sorted({int(x) for x in np.linspace(0, max(self.n_obs - block_rows, 0), sample_blocks)})
+        rows = values = non_integer = 0
+        require, self.require_integers = self.require_integers, False
+        try:
+            for lo in starts if self.n_obs else []:
+                hi = min(lo + block_rows, self.n_obs)
+                block = self.read_rows(lo, hi)
+                fractional = block.data != np.floor(block.data)
+                if require and fractional.any():
+                    k = int(np.flatnonzero(fractional)[0])
+                    row = lo + int(np.searchsorted(block.indptr, k, side="right") - 1)
+                    raise RiceFMInputError(self._non_counts_message(float(block.data[k]), row, int(block.indices[k])))
+                rows, values, non_integer = rows + hi - lo, values + block.nnz, non_integer + int(fractional.sum())
+        finally:
+            self.require_integers = require
+        return {"cells_sampled": rows, "values_sampled": values, "non_integer_sampled": non_integer}
 
     def obs_column(self, column: str, flag: str) -> pd.Series:
         if column not in self.obs.columns:
