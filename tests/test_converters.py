@@ -80,6 +80,9 @@ def test_strict_errors_and_bad_destinations(tmp_path, capsys):
     state.pop("decoder.fc.4.bias")
     state["decoder.fc.9.weight"] = np.zeros((1, 64), np.float32)
     save_file(state, tmp_path / "torch" / "model.safetensors")
+    with pytest.raises(RiceFMInputError, match="damaged checkpoint: model.safetensors has changed"):
+        load_flax_model(tmp_path / "torch")  # its digests no longer match ...
+    (tmp_path / "torch" / "checksums.sha256").unlink()  # ... and edited by hand, it is unsealed: strict loading speaks
     with pytest.raises(RiceFMInputError, match=r"missing: decoder.fc.4.bias \| unknown: decoder.fc.9.weight"):
         load_flax_model(tmp_path / "torch")
     assert cli(["convert", str(tmp_path / "torch"), str(tmp_path / "torch"), "--to", "flax"]) == 2

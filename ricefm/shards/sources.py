@@ -154,8 +154,11 @@ class H5adSource:
         rows = values = non_integer = 0
         require, self.require_integers = self.require_integers, False
         try:
-            for lo in starts if self.n_obs else []:
-                hi = min(lo + block_rows, self.n_obs)
+            hi = 0
+            for lo in starts:
+                lo, hi = max(lo, hi), min(lo + block_rows, self.n_obs)  # small files: blocks do not overlap
+                if lo >= hi:
+                    continue
                 block = self.read_rows(lo, hi)
                 fractional = block.data != np.floor(block.data)
                 if require and fractional.any():
