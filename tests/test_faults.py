@@ -352,3 +352,16 @@ def test_changed_training_state_refuses_resume(dataset, tmp_path):
     flip(tmp_path / "checkpoints/latest/training_state.pt", at=300)
     with pytest.raises(RiceFMInputError, match="damaged checkpoint: training_state.pt has changed"):
         train(cfg, tmp_path, device="cpu", resume=True, progress=False)
+
+
+def test_changed_jax_checkpoint_refuses_resume(dataset, tmp_path):
+    from ricefm_jax.train import train
+
+    cfg = tiny_config(dataset, max_steps=2)
+    train(cfg, tmp_path, device="cpu", progress=False)
+    step = tmp_path / "checkpoints/2"
+    assert (step / CHECKSUMS).is_file() and (tmp_path / "best" / CHECKSUMS).is_file()
+    victim = max((p for p in (step / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    flip(victim, at=victim.stat().st_size // 2)
+    with pytest.raises(RiceFMInputError, match=f"damaged training checkpoint: params/.* has changed"):
+        train(cfg, tmp_path, device="cpu", resume=True, progress=False)
