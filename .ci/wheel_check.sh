@@ -24,7 +24,7 @@ echo "wheel check: $(basename "$wheel") installed in $((SECONDS - start))s"
 
 cd "$work"  # only the installed package is importable from here
 ricefm="$work/venv/bin/ricefm"
-for cmd in "" build-data embed convert benchmark; do
+for cmd in "" build-data embed convert benchmark verify doctor; do
   $ricefm $cmd --help > /dev/null
 done
 # absl exits 1 after printing --help: check what it printed instead
@@ -33,6 +33,7 @@ grep -q -- "--workdir" <<< "$demo_help" || { echo "python -m ricefm_cli.demo --h
 
 h5ad=$("$py" -c "from importlib import resources; print(resources.files('ricefm.resources') / 'rice_root_SRP309176_2k.h5ad')")
 $ricefm build-data "$h5ad" --output data --quiet > /dev/null
+$ricefm verify data --quiet > /dev/null
 "$py" - "$h5ad" <<'PY'
 """A tiny random checkpoint (the published initial weights, torch format) and 50 cells of the shipped data."""
 import sys
@@ -52,6 +53,7 @@ for backend in torch jax; do
   $ricefm embed --checkpoint ckpt --input cells50.h5ad --output "emb_$backend.h5ad" --backend "$backend" \
     --device cpu --quiet
 done
+$ricefm verify ckpt --quiet > /dev/null
 "$py" -c "
 import anndata as ad, numpy as np
 a, b = (ad.read_h5ad(f'emb_{k}.h5ad').obsm['X_ricefm'] for k in ('torch', 'jax'))
