@@ -40,6 +40,15 @@ class Checkpoint:
     model: ml_collections.ConfigDict
     vocab: GeneVocab
     format: str
+    # a fine-tuned classifier's record: class_names (in head order), label_key, settings, validation
+    # metrics; args.json / config.json key "finetune" in every format
+    finetune: dict | None = None
+
+    @property
+    def n_classes(self) -> int:
+        """Rows of the ``cls_decoder`` head (0: a pretrained model without one)."""
+        head = self.state.get("cls_decoder.out_layer.weight")
+        return 0 if head is None else int(head.shape[0])
 
 
 def detect_format(path: str | Path) -> str:
@@ -63,6 +72,18 @@ def _base_model_config() -> ml_collections.ConfigDict:
     return ricefm_base.get_config().model
 
 
+def _check_finetune(record: dict | None, state: dict[str, np.ndarray], source: Path) -> dict | None:
+    head = state.get("cls_decoder.out_layer.weight")
+    if record is None:
+        return None
+    names = record.get("class_names")
+    if not isinstance(names, list) or head is None or len(names) != head.shape[0]:
+        raise RiceFMInputError(f"{source}: its finetune record names {len(names) if isinstance(names, list) else 'no'} "
+                               f"classes but the cls_decoder head has {0 if head is None else head.shape[0]}; "
+                               "the checkpoint is inconsistent: fine-tune again")
+    return record
+
+
 def _read_meta(path: Path, fmt: str) -> tuple[ml_collections.ConfigDict, GeneVocab]:
     try:
         meta = json.loads((path / CONFIG).read_text())
@@ -81,7 +102,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     fmt = detect_format(path)
     check_sealed(path)
     try:
-        return _read(path, fmt)
+        ckpt = _read(path, fmt)
     except (RiceFMInputError, ImportError):
         raise
     except Exception as e:  # torch.load, safetensors and orbax each raise their own types for a damaged file
@@ -89,6 +110,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise RiceFMInputError(f"{path / what}: unreadable {fmt} checkpoint ({type(e).__name__}: {reason}); "
                                "it is truncated or damaged: restore it from a copy") from None
+    meta_file = path / (published.ARGS if fmt == "seed" else CONFIG)
+    ckpt.finetune = _check_finetune(json.loads(meta_file.read_text()).get("finetune"), ckpt.state, meta_file)
+    return ckpt
 
 
 def _read(path: Path, fmt: str) -> Checkpoint:
@@ -124,8 +148,11 @@ def _read(path: Path, fmt: str) -> Checkpoint:
 
 
 def _write_meta(path: Path, ckpt: Checkpoint, fmt_name: str) -> None:
-    write_json_atomic(path / CONFIG, {"format": fmt_name, "vocab_size": len(ckpt.vocab),
-                                      "vocab_sha256": ckpt.vocab.sha256(), "model": ckpt.model.to_dict()})
+    meta = {"format": fmt_name, "vocab_size": len(ckpt.vocab), "vocab_sha256": ckpt.vocab.sha256(),
+            "model": ckpt.model.to_dict()}
+    if ckpt.finetune is not None:
+        meta.update(n_cls=ckpt.n_classes, finetune=ckpt.finetune)
+    write_json_atomic(path / CONFIG, meta)
     ckpt.vocab.save(path / published.VOCAB)
 
 
@@ -151,7 +178,7 @@ def write_checkpoint(ckpt: Checkpoint, folder: str | Path, fmt: str,
     if data is not None:
         model = ml_collections.ConfigDict(ckpt.model.to_dict())
         model["max_seq_len"] = int(data.max_seq_len)
-        ckpt = Checkpoint(ckpt.state, model, ckpt.vocab, ckpt.format)
+        ckpt = Checkpoint(ckpt.state, model, ckpt.vocab, ckpt.format, ckpt.finetune)
     if fmt == "seed":
         import collections
 
@@ -161,7 +188,10 @@ def write_checkpoint(ckpt: Checkpoint, folder: str | Path, fmt: str,
         state = _published_order(ckpt)
         sd = collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state.items())
         torch.save(sd, folder / published.WEIGHTS)
-        write_json_atomic(folder / published.ARGS, published.args_from_config(ckpt.model, data))
+        args = published.args_from_config(ckpt.model, data)
+        if ckpt.finetune is not None:
+            args.update(n_cls=ckpt.n_classes, finetune=ckpt.finetune)
+        write_json_atomic(folder / published.ARGS, args)
         ckpt.vocab.save(folder / published.VOCAB)
     elif fmt == "torch":
         from safetensors.numpy import save_file
@@ -185,23 +215,31 @@ def write_checkpoint(ckpt: Checkpoint, folder: str | Path, fmt: str,
     seal(folder)
 
 
-def save_checkpoint(ckpt: Checkpoint, path: str | Path, fmt: str,
-                    data: ml_collections.ConfigDict | None = None) -> None:
-    """Write ``ckpt`` as ``fmt`` to ``path``, a new or empty folder, swapped in only when complete."""
-    if fmt not in FORMATS:
-        raise RiceFMInputError(f"--to {fmt!r}: choose one of {', '.join(FORMATS)}")
+def check_destination(path: str | Path) -> None:
+    """A new checkpoint can go to ``path``: absent or an empty folder, in a writable place (checked
+    before long work such as fine-tuning, and again when writing)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RiceFMInputError(f"{path}: is a file; a checkpoint is a folder: choose a new destination")
     if path.exists() and any(path.iterdir()):
         raise RiceFMInputError(f"{path}: exists and is not empty; choose a new destination")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.TemporaryFile(dir=path.parent)
+        probe = tempfile.TemporaryFile(dir=parent)
         probe.close()
     except OSError as e:
         raise RiceFMInputError(f"{path}: cannot write there ({e.strerror}); choose a writable destination") from None
-    with staged_dir(path) as folder:
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | Path, fmt: str,
+                    data: ml_collections.ConfigDict | None = None) -> None:
+    """Write ``ckpt`` as ``fmt`` to ``path``, a new or empty folder, swapped in only when complete."""
+    if fmt not in FORMATS:
+        raise RiceFMInputError(f"--to {fmt!r}: choose one of {', '.join(FORMATS)}")
+    check_destination(path)
+    with staged_dir(Path(path)) as folder:
         write_checkpoint(ckpt, folder, fmt, data)
 
 

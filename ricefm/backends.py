@@ -48,6 +48,20 @@ class Finetuner(Protocol):
 
     def restore(self, snapshot: Any) -> None: ...
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The fine-tuned weights, head included, torch-named and torch-laid-out (for a checkpoint)."""
+
+
+class Classifier(Protocol):
+    """A fine-tuned checkpoint's class logits and cell embeddings of a pcpt batch (``ricefm annotate``)."""
+
+    vocab: Any
+    model_config: Any
+    finetune: dict  # the checkpoint's record: class_names in head order, settings, validation metrics
+    description: str
+
+    def classify(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]: ...
+
 
 class Backend(Protocol):
     """What a backend module (``<package>/backend.py``) offers; both mirror each other."""
@@ -58,6 +72,8 @@ class Backend(Protocol):
     def load_embedder(self, checkpoint: str | Path, device: str = "auto") -> Embedder: ...
 
     def load_finetuner(self, checkpoint: str | Path, device: str = "auto") -> Finetuner: ...
+
+    def load_classifier(self, checkpoint: str | Path, device: str = "auto") -> Classifier: ...
 
     def train(self, cfg: Any, workdir: str | Path, device: str = "auto", resume: bool = False,
               progress: bool = True) -> dict[str, Any]: ...

@@ -1,7 +1,8 @@
 """Cell embeddings for an h5ad file with any backend: ``ricefm embed``.
 
 Cells are tokenized exactly as in training (per-cell binning of the non-zero in-vocabulary genes,
-``<cls>`` first with value pad_value) and run through the pcpt-only forward; the ``<cls>`` output
+``<cls>`` first with value pad_value), cut to ``<cls>`` + the 3,000 highest-count genes by default
+(the published inference protocol), and run through the pcpt-only forward; the ``<cls>`` output
 goes to ``obsm["X_ricefm"]`` and the run parameters to ``uns["ricefm"]``. The input is read in row
 blocks and the output is the input file plus those two entries, written via a temporary file.
 """
@@ -30,6 +31,9 @@ from ricefm.shards.sources import H5adSource
 OBSM_KEY = "X_ricefm"
 BLOCK_CELLS = 4096
 LENGTH_MULTIPLE = 32  # batch lengths rounded up: a compiled (XLA) backend sees few shapes
+# The published inference protocol (riceFM's and scGPT's tutorials): <cls> + up to 3,000 of a cell's
+# non-zero genes, whatever length the model was trained at (it has no positional encoding).
+INFERENCE_MAX_SEQ_LEN = 3001
 
 
 def check_embed_settings(batch_size: int, max_seq_len: int | None) -> None:
@@ -89,8 +93,9 @@ def embed_tokenized(embedder: Embedder, cells: TokenizedCells, batch_size: int, 
     return out
 
 
-def write_embeddings(input_path: Path, output_path: Path, emb: np.ndarray, info: dict[str, Any]) -> None:
-    """The input file plus obsm[X_ricefm] and uns[ricefm], swapped into place when complete."""
+def write_h5ad_additions(input_path: Path, output_path: Path, add: Callable[[h5py.File], None]) -> None:
+    """A copy of the input file changed by ``add(h5py file)`` (new obs/obsm/uns entries), written
+    under a temporary name beside ``output_path`` and renamed over it when complete."""
     output_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".h5ad", dir=output_path.parent)
     os.close(fd)
@@ -100,16 +105,24 @@ def write_embeddings(input_path: Path, output_path: Path, emb: np.ndarray, info:
             for group in ("obsm", "uns"):
                 if group not in f:
                     ad.io.write_elem(f, group, {})
-            for group, key in (("obsm", OBSM_KEY), ("uns", "ricefm")):
-                if key in f[group]:
-                    del f[group][key]
-            ad.io.write_elem(f["obsm"], OBSM_KEY, emb)
-            ad.io.write_elem(f["uns"], "ricefm", info)
+            add(f)
         os.replace(tmp, output_path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_embeddings(input_path: Path, output_path: Path, emb: np.ndarray, info: dict[str, Any]) -> None:
+    """The input file plus obsm[X_ricefm] and uns[ricefm], swapped into place when complete."""
+
+    def add(f: h5py.File) -> None:
+        for group, key, value in (("obsm", OBSM_KEY, emb), ("uns", "ricefm", info)):
+            if key in f[group]:
+                del f[group][key]
+            ad.io.write_elem(f[group], key, value)
+
+    write_h5ad_additions(input_path, output_path, add)
 
 
 def embed_h5ad(input_path: str | Path, output_path: str | Path, embedder: Embedder, batch_size: int = 64,
@@ -119,7 +132,7 @@ def embed_h5ad(input_path: str | Path, output_path: str | Path, embedder: Embedd
     input_path, output_path = Path(input_path), Path(output_path)
     check_embed_settings(batch_size, max_seq_len)
     check_output_file(input_path, output_path)
-    max_seq_len = int(max_seq_len or embedder.model_config.get("max_seq_len", 1200))
+    max_seq_len = int(max_seq_len or INFERENCE_MAX_SEQ_LEN)
     src = H5adSource.open(input_path, layer=layer, gene_column=gene_column)
     try:
         genes, n_by_table = translated_genes(src, load_gene_map(gene_map) if gene_map else None)

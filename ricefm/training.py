@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ricefm.atomic import staged_dir, write_bytes_atomic, write_json_atomic
 from ricefm.batching import BatchStream, TokenSpec, collate_generative, split_cells, steps_per_epoch
-from ricefm.errors import RiceFMInputError
+from ricefm.errors import RiceFMInputError, did_you_mean
 from ricefm.init import initial_state
 from ricefm.locks import ExclusiveLock
 from ricefm.shards import ShardedCells
@@ -411,7 +411,6 @@ def _leaf_names(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 def override_problem(argv: Sequence[str]) -> str | None:
     """The first ``--config.FIELD`` override naming no field of the config, as one line with the
     closest names (ml-collections would raise a long traceback); None when all exist."""
-    import difflib
     import importlib.util
 
     path = _config_path(argv)
@@ -431,9 +430,10 @@ def override_problem(argv: Sequence[str]) -> str | None:
         field = a[len("--config."):].split("=", 1)[0]
         if field in names or any(n.startswith(field + ".") for n in names):
             continue
-        close = difflib.get_close_matches(field, names, n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join('--config.' + c for c in close)}?" if close else \
-            f"fields: {', '.join(sorted({n.split('.')[0] + '.*' for n in names}))}"
+        groups = sorted({n.split(".")[0] + ".*" for n in names})
+        hint = did_you_mean(field, names, "--config.")
+        if not hint.startswith("did"):
+            hint = f"fields: {', '.join(groups)}"
         return f"--config.{field}: {file} has no such field; {hint}"
     return None
 

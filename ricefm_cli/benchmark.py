@@ -19,7 +19,7 @@ import numpy as np
 from converters.formats import load_checkpoint
 from ricefm.atomic import staged_dir
 from ricefm.cells import TokenizedCells
-from ricefm.embed import BLOCK_CELLS, check_embed_settings, embed_cells, embed_tokenized, load_embedder
+from ricefm.embed import BLOCK_CELLS, INFERENCE_MAX_SEQ_LEN, check_embed_settings, embed_cells, embed_tokenized, load_embedder
 from ricefm.evaluate import annotation as ann
 from ricefm.evaluate.clustering import pca_baseline, zero_shot_metrics
 from ricefm.evaluate.datasets import EvalDataset
@@ -36,7 +36,7 @@ def _zero_shot(checkpoint, data: LabelledData, src: H5adSource, backends: Sequen
         embedder = load_embedder(backend, checkpoint, device=device)
         genes, _ = translated_genes(src, None)
         mapping = VocabMapping.build(src, genes, embedder.vocab, min_gene_fraction, None, None, 0)
-        seq = int(max_seq_len or embedder.model_config.get("max_seq_len", 1200))
+        seq = int(max_seq_len or INFERENCE_MAX_SEQ_LEN)
         t0 = time.perf_counter()
         emb, _ = embed_cells(embedder, src, mapping, data.modality, batch_size, seq, "highest", progress)
         first_pass = time.perf_counter() - t0

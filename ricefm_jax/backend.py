@@ -30,6 +30,12 @@ def load_finetuner(checkpoint: str | Path, device: str = "auto"):
     return JaxFinetuner(checkpoint, device=device)
 
 
+def load_classifier(checkpoint: str | Path, device: str = "auto"):
+    from ricefm_jax.annotate import JaxClassifier
+
+    return JaxClassifier(checkpoint, device=device)
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "auto", resume: bool = False,
           progress: bool = True) -> dict[str, Any]:
     from ricefm_jax.train import train as run

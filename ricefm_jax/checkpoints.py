@@ -13,12 +13,19 @@ from ricefm_jax.model import RiceFM
 from ricefm_jax.params import load_state_dict, state_dict
 
 
+def model_from_checkpoint(ckpt: Checkpoint, path: str | Path, attention: str | None = None,
+                          dtype=jnp.float32) -> RiceFM:
+    """A Flax model built from a loaded checkpoint's config (with its head, if fine-tuned), strictly loaded."""
+    model = RiceFM.from_config(ckpt.model, len(ckpt.vocab), attention=attention, dtype=dtype,
+                               n_cls=max(1, ckpt.n_classes))
+    load_state_dict(model, ckpt.state, str(path))
+    return model
+
+
 def load_flax_model(path: str | Path, attention: str | None = None, dtype=jnp.float32
                     ) -> tuple[RiceFM, ml_collections.ConfigDict, GeneVocab]:
     ckpt = load_checkpoint(path)
-    model = RiceFM.from_config(ckpt.model, len(ckpt.vocab), attention=attention, dtype=dtype)
-    load_state_dict(model, ckpt.state, str(path))
-    return model, ckpt.model, ckpt.vocab
+    return model_from_checkpoint(ckpt, path, attention, dtype), ckpt.model, ckpt.vocab
 
 
 def save_flax_model(path: str | Path, model: RiceFM, cfg: ml_collections.ConfigDict, vocab: GeneVocab,

@@ -22,7 +22,7 @@ from ricefm.evaluate.annotation import lr_factor
 from ricefm_jax import devices
 from ricefm_jax.backend import device_description
 from ricefm_jax.model import RiceFM
-from ricefm_jax.params import load_state_dict
+from ricefm_jax.params import load_state_dict, state_dict
 
 INPUTS = ("gene_ids", "values", "key_padding_mask", "mod_types")
 
@@ -44,6 +44,7 @@ class JaxFinetuner:
         load_state_dict(model, {**self.state, **head}, self.source)
         freeze = bool(cfg.freeze_encoder)
         graphdef, *parts = nnx.split(model, _trainable(freeze), nnx.Param, ...)
+        self._graphdef = graphdef
         self.params, self.fixed, self.rest = jax.device_put(parts, self.device)
         settings = (graphdef, freeze, float(cfg.lr), float(cfg.lr_decay_per_epoch), float(cfg.grad_clip_norm),
                     steps_per_epoch)
@@ -71,6 +72,9 @@ class JaxFinetuner:
 
     def restore(self, snapshot: Any) -> None:
         self.params = snapshot
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return state_dict(nnx.merge(self._graphdef, self.params, self.fixed, self.rest))
 
 
 def _trainable(freeze: bool):

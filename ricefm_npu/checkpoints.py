@@ -29,6 +29,14 @@ def strict_load(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sourc
     model.load_state_dict(dict(state), strict=True)
 
 
+def model_from_checkpoint(ckpt: Checkpoint, path: str | Path, attention: str | None = None) -> RiceFM:
+    """A torch model built from a loaded checkpoint's config (with its head, if fine-tuned), strictly loaded."""
+    model = RiceFM.from_config(ckpt.model, len(ckpt.vocab), attention=attention, n_cls=max(1, ckpt.n_classes))
+    source = Path(path) / _SOURCE[ckpt.format] if ckpt.format in _SOURCE else Path(path)
+    strict_load(model, {k: torch.from_numpy(v) for k, v in ckpt.state.items()}, str(source))
+    return model
+
+
 def _load(path: str | Path, attention: str | None, fmt: str | None
           ) -> tuple[RiceFM, ml_collections.ConfigDict, GeneVocab]:
     """A model built from the checkpoint's config with its weights; ``fmt`` None = any format."""
@@ -37,10 +45,7 @@ def _load(path: str | Path, attention: str | None, fmt: str | None
     if fmt is not None and ckpt.format != fmt:
         raise RiceFMInputError(f"{path}: a {ckpt.format} checkpoint, not {fmt}; use load_torch_checkpoint "
                                "(any format) or `ricefm convert` it")
-    model = RiceFM.from_config(ckpt.model, len(ckpt.vocab), attention=attention)
-    source = path / _SOURCE[ckpt.format] if ckpt.format in _SOURCE else path
-    strict_load(model, {k: torch.from_numpy(v) for k, v in ckpt.state.items()}, str(source))
-    return model, ckpt.model, ckpt.vocab
+    return model_from_checkpoint(ckpt, path, attention), ckpt.model, ckpt.vocab
 
 
 def load_published(path: str | Path, attention: str | None = None

@@ -76,8 +76,10 @@ def test_class_weights_and_head_init():
 def test_config_overrides():
     cfg = ann.annotation_config(["seeds=4", "freeze_encoder=true", "lr=0.0005", "split=0.8,0.1,0.1"])
     assert cfg.seeds == (4,) and cfg.freeze_encoder is True and cfg.lr == 0.0005 and cfg.split == (0.8, 0.1, 0.1)
-    with pytest.raises(RiceFMInputError, match="KEY one of"):
+    with pytest.raises(RiceFMInputError, match="has no field 'epochs'; did you mean max_epochs"):
         ann.annotation_config(["epochs=3"])
+    with pytest.raises(RiceFMInputError, match="expected KEY=VALUE with KEY one of"):
+        ann.annotation_config(["max_epochs"])
     with pytest.raises(RiceFMInputError, match="max_epochs takes a int"):
         ann.annotation_config(["max_epochs=lots"])
 

@@ -23,21 +23,24 @@ from tqdm.auto import tqdm
 from ricefm.backends import Finetuner, get_backend
 from ricefm.batching import TokenSpec
 from ricefm.cells import TokenizedCells
-from ricefm.errors import RiceFMInputError
+from ricefm.errors import RiceFMInputError, did_you_mean
 
 METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 
 
-def annotation_config(overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+def annotation_config(overrides: Sequence[str] = (), flag: str = "--annotation") -> ml_collections.ConfigDict:
     """The shipped ``configs/annotation.py`` with ``KEY=VALUE`` overrides (Python literals;
-    ``seeds=0,1,2``, ``freeze_encoder=true``)."""
+    ``seeds=0,1,2``, ``freeze_encoder=true``); ``flag`` names the option in errors."""
     from ricefm_configs import annotation
 
     cfg = annotation.get_config()
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or key not in cfg:
-            raise RiceFMInputError(f"--annotation {item!r}: expected KEY=VALUE with KEY one of {', '.join(cfg)}")
+        if not sep:
+            raise RiceFMInputError(f"{flag} {item!r}: expected KEY=VALUE with KEY one of {', '.join(cfg)}")
+        if key not in cfg:
+            raise RiceFMInputError(f"{flag} {item!r}: configs/annotation.py has no field {key!r}; "
+                                   f"{did_you_mean(key, list(cfg))}")
         raw = {"true": "True", "false": "False"}.get(raw.strip().lower(), raw)
         try:
             value = ast.literal_eval(raw)
@@ -48,12 +51,12 @@ def annotation_config(overrides: Sequence[str] = ()) -> ml_collections.ConfigDic
         try:
             cfg[key] = value
         except TypeError:
-            raise RiceFMInputError(f"--annotation {item!r}: {key} takes a {type(cfg[key]).__name__} "
+            raise RiceFMInputError(f"{flag} {item!r}: {key} takes a {type(cfg[key]).__name__} "
                                    f"(now {cfg[key]!r})") from None
     return cfg
 
 
-def validate_config(cfg: ml_collections.ConfigDict) -> None:
+def validate_config(cfg: ml_collections.ConfigDict, flag: str = "--annotation") -> None:
     """Fail before any embedding or training on settings that cannot work."""
     problems = []
     if len(cfg.split) != 3 or min(cfg.split) <= 0 or abs(sum(cfg.split) - 1) > 1e-6:
@@ -62,11 +65,15 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         problems.append(f"class_weighting={cfg.class_weighting!r} is not balanced or none")
     if not cfg.seeds:
         problems.append("seeds is empty")
+    if not 0 < float(cfg.valid_fraction) < 1:
+        problems.append(f"valid_fraction={cfg.valid_fraction} must be strictly between 0 and 1")
+    if int(cfg.max_seq_len) == 1 or int(cfg.max_seq_len) < 0:
+        problems.append(f"max_seq_len={cfg.max_seq_len} must be 0 (the checkpoint's training length) or at least 2")
     for key, low in (("batch_size", 1), ("max_epochs", 1), ("patience", 1), ("min_cells_per_class", 3)):
         if int(cfg[key]) < low:
             problems.append(f"{key}={cfg[key]} must be at least {low}")
     if problems:
-        raise RiceFMInputError("--annotation: " + "; ".join(problems))
+        raise RiceFMInputError(f"{flag}: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,23 @@ def stratified_split(y: np.ndarray, fractions: Sequence[float], seed: int) -> Sp
         parts["valid"].append(members[n_test:n_test + n_valid])
         parts["train"].append(members[n_test + n_valid:])
     return Split(**{k: np.sort(np.concatenate(v)) for k, v in parts.items()})
+
+
+def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) rows: per class, shuffled by (seed, class), ``fraction`` of it (at least
+    one cell, and never all) held out, so validation has every class."""
+    if not 0 < float(fraction) < 1:
+        raise RiceFMInputError(f"valid_fraction={fraction}: a fraction strictly between 0 and 1")
+    train, valid = [], []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        if len(members) < 2:
+            raise RiceFMInputError(f"class {c} has {len(members)} cell; a train/validation split needs 2")
+        members = members[_rng(seed, int(c), 0x7A11D).permutation(len(members))]
+        n_valid = min(max(1, int(round(len(members) * float(fraction)))), len(members) - 1)
+        valid.append(members[:n_valid])
+        train.append(members[n_valid:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(valid))
 
 
 def eligible_classes(labels: pd.Series, min_cells: int) -> tuple[list[str], dict[str, int]]:
@@ -189,41 +213,48 @@ class AnnotationRun:
         bs = int(self.cfg.batch_size)
         return np.concatenate([self.ft.logits(self._batch(rows[i:i + bs])) for i in range(0, len(rows), bs)])
 
-    def run_seed(self, seed: int) -> dict[str, Any]:
+    def fit(self, train: np.ndarray, valid: np.ndarray, seed: int, desc: str) -> tuple[list[dict[str, Any]], int]:
+        """Fine-tune from the checkpoint on ``train`` rows, one validation pass per epoch, stopping after
+        ``patience`` epochs without a better validation macro-F1 (ties: lower loss); the model ends at
+        its best epoch. (The epoch history, the best epoch.)"""
         cfg, y, n_classes = self.cfg, self.y, len(self.class_names)
-        split = stratified_split(y, cfg.split, seed)
-        weights = class_weights(y[split.train], n_classes, cfg.class_weighting)
+        weights = class_weights(y[train], n_classes, cfg.class_weighting)
         bs = int(cfg.batch_size)
-        spe = -(-len(split.train) // bs)
         head = init_head(int(self.ft.model_config.d_model), n_classes, int(self.ft.model_config.get("n_layers_cls", 3)),
                          seed)
-        self.ft.start(head, n_classes, cfg, spe, seed)
+        self.ft.start(head, n_classes, cfg, -(-len(train) // bs), seed)
         history, best, best_snapshot, stale = [], (-1.0, math.inf), None, 0
-        bar = tqdm(range(int(cfg.max_epochs)), desc=f"fine-tune seed {seed}", unit="epoch", disable=not self.progress)
+        bar = tqdm(range(int(cfg.max_epochs)), desc=desc, unit="epoch", disable=not self.progress)
         for epoch in bar:
-            order = split.train[_rng(seed, epoch, 0x7EA1).permutation(len(split.train))]
+            order = train[_rng(seed, epoch, 0x7EA1).permutation(len(train))]
             t0 = time.perf_counter()
             losses = [self.ft.train_step(self._batch(order[i:i + bs]), y[order[i:i + bs]], weights)
                       for i in range(0, len(order), bs)]
             train_seconds = time.perf_counter() - t0
-            val_logits = self.predict(split.valid)
-            val_loss = weighted_cross_entropy(val_logits, y[split.valid], weights)
-            val_f1 = classification_metrics(y[split.valid], val_logits.argmax(1), self.class_names)["macro_f1"]
+            val_logits = self.predict(valid)
+            val_loss = weighted_cross_entropy(val_logits, y[valid], weights)
+            val = classification_metrics(y[valid], val_logits.argmax(1), self.class_names)
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_loss": val_loss,
-                            "valid_macro_f1": val_f1, "train_cells": len(order), "train_seconds": train_seconds})
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_f1=f"{val_f1:.3f}")
-            if (val_f1, -val_loss) > (best[0], -best[1]):
-                best, best_snapshot, stale = (val_f1, val_loss), self.ft.snapshot(), 0
+                            "valid_macro_f1": val["macro_f1"], "valid_accuracy": val["accuracy"],
+                            "train_cells": len(order), "train_seconds": train_seconds})
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_f1=f"{val['macro_f1']:.3f}")
+            if (val["macro_f1"], -val_loss) > (best[0], -best[1]):
+                best, best_snapshot, stale = (val["macro_f1"], val_loss), self.ft.snapshot(), 0
             else:
                 stale += 1
                 if stale >= int(cfg.patience):
                     break
         self.ft.restore(best_snapshot)
-        pred = self.predict(split.test).argmax(1)
         best_epoch = max(range(len(history)), key=lambda e: (history[e]["valid_macro_f1"], -history[e]["valid_loss"]))
+        return history, best_epoch
+
+    def run_seed(self, seed: int) -> dict[str, Any]:
+        split = stratified_split(self.y, self.cfg.split, seed)
+        history, best_epoch = self.fit(split.train, split.valid, seed, f"fine-tune seed {seed}")
+        pred = self.predict(split.test).argmax(1)
         return {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(history), "history": history,
                 "valid_cells": len(split.valid), "test_cells": split.test.tolist(), "test_pred": pred.tolist(),
-                **classification_metrics(y[split.test], pred, self.class_names)}
+                **classification_metrics(self.y[split.test], pred, self.class_names)}
 
     def run(self) -> dict[str, Any]:
         return summarize([self.run_seed(int(s)) for s in self.cfg.seeds], self.class_names)
