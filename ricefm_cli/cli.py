@@ -250,7 +250,8 @@ def make_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("benchmark", help="zero-shot scib metrics and annotation fine-tuning per backend next to PCA; "
                                             "JSON + Markdown + PNG")
     k.add_argument("--checkpoint", required=True)
-    k.add_argument("--dataset", required=True, help="rice_root | pbmc68k_reduced | path to an .h5ad")
+    k.add_argument("--dataset", required=True,
+                   help="rice_root | rice_root_atlas (prepared once, see README) | pbmc68k_reduced | path to an .h5ad")
     k.add_argument("--label-key", default=None, help="obs column with cell types (registered datasets know theirs)")
     k.add_argument("--exclude-labels", default=None, metavar="A,B",
                    help="labels left out of all metrics (registered datasets know theirs, e.g. unlabeled)")

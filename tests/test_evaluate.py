@@ -38,6 +38,35 @@ def test_random_labels_score_near_zero():
     assert m["NMI"] < 0.1 and abs(m["ARI"]) < 0.05 and m["ASW"] < 0.55
 
 
+def test_zero_shot_metrics_and_pca_baseline_past_scanpys_approximate_neighbour_threshold(monkeypatch):
+    """9,000 cells: scanpy switches to pynndescent at 8,192 (the path that crashed with pynndescent 0.7)."""
+    import scanpy as sc
+
+    from ricefm.evaluate.clustering import pca_baseline
+
+    calls = []
+    neighbors = sc.pp.neighbors
+    monkeypatch.setattr(sc.pp, "neighbors", lambda *a, **k: calls.append(1) or neighbors(*a, **k))
+    rng = np.random.default_rng(7)
+    n, k = 9000, 6
+    y = rng.integers(0, k, n)
+    labels = pd.Series(np.asarray(list("abcdef"))[y])
+    emb = (rng.normal(size=(k, 24)) * 3)[y] + rng.normal(size=(n, 24))
+    m = zero_shot_metrics(emb.astype(np.float32), labels, asw_max_cells=4000)
+    assert len(calls) == 1  # one kNN graph for all ten Leiden resolutions
+    assert m["NMI"] > 0.95 and m["ARI"] > 0.95 and m["ASW_cells"] == 4000 and m["cells"] == n
+    full = zero_shot_metrics(emb.astype(np.float32), labels, asw_max_cells=n)
+    assert abs(full["ASW"] - m["ASW"]) < 0.02  # the seeded subsample estimates the full silhouette
+    # counts with the same structure for the PCA baseline: cell type k raises genes 50k..50k+49
+    rates = np.full((k, 400), 0.3)
+    for c in range(k):
+        rates[c, 50 * c:50 * c + 50] = 3.0
+    counts = sp.csr_matrix(rng.poisson(rates[y]).astype(np.float32))
+    pca = pca_baseline(counts)
+    assert pca.shape == (n, 50)
+    assert zero_shot_metrics(pca, labels, asw_max_cells=4000)["ARI"] > 0.9
+
+
 @pytest.fixture(scope="module")
 def small_rice(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
@@ -94,6 +123,13 @@ def test_benchmark_writes_all_files_for_both_backends(small_rice, tmp_path, caps
     assert a["methods"]["jax"]["seeds"][1]["test_cells"] == a["methods"]["PCA + LR"]["seeds"][1]["test_cells"]
     assert 0 <= a["agreement"]["same_test_prediction"] <= 1
     assert a["methods"]["PCA + LR"]["metrics"]["accuracy"]["mean"] > 0.6  # the three types are separable
+    plan = r["plan"]  # printed before the long work, estimated from a measured warm-up
+    assert plan["cells"] == 300 and plan["seeds"] == 3 and plan["max_epochs"] == 2 and plan["backends"] == ["jax", "torch"]
+    assert plan["estimate_s"] == pytest.approx(sum(plan["embed_s"].values()) + sum(plan["fine_tune_s"].values()))
+    assert all(v > 0 for v in plan["embed_s"].values())
+    assert {"load cells", "embed jax", "embed torch", "zero-shot metrics jax", "PCA baseline", "annotation"} <= set(
+        r["timings"]) and all(v >= 0 for v in r["timings"].values())
+    assert r["methods"]["jax"]["max_seq_len"] == 3001  # the published inference length, as ricefm embed
 
 
 def test_registered_datasets():
@@ -161,3 +197,12 @@ def test_pbmc68k_reduced_runs_with_its_own_vocabulary(tmp_path):
     assert a["cells"] + sum(a["excluded_classes"].values()) == 700 and len(a["classes"]) >= 8
     assert a["methods"]["PCA + LR"]["metrics"]["accuracy"]["mean"] > 0.5
     assert 0 <= a["methods"]["torch"]["metrics"]["macro_f1"]["mean"] <= 1
+
+
+def test_rice_root_atlas_is_found_where_the_recipe_puts_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("RICEFM_DATA_DIR", str(tmp_path))
+    with pytest.raises(RiceFMInputError, match=r"rice_root_atlas: .*rice_root_atlas.h5ad not found; prepare it once"):
+        resolve_dataset("rice_root_atlas")
+    (tmp_path / "rice_root_atlas.h5ad").write_bytes((REPO / "ricefm/resources/rice_root_SRP309176_2k.h5ad").read_bytes())
+    ds = resolve_dataset("rice_root_atlas")
+    assert ds.path == tmp_path / "rice_root_atlas.h5ad" and ds.label_key == "celltype" and ds.exclude_labels == ("unlabeled",)

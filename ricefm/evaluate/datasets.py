@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
@@ -38,7 +39,26 @@ def _pbmc68k_reduced() -> EvalDataset:
     return EvalDataset("pbmc68k_reduced", path, "bulk_labels")
 
 
-REGISTRY = {"rice_root": _rice_root, "pbmc68k_reduced": _pbmc68k_reduced}
+DATA_DIR_ENV = "RICEFM_DATA_DIR"
+RICE_ROOT_ATLAS = "rice_root_atlas.h5ad"
+
+
+def data_dir() -> Path:
+    """Where registered datasets that are not shipped are looked for: $RICEFM_DATA_DIR, else ~/.cache/ricefm."""
+    return Path(os.environ.get(DATA_DIR_ENV) or Path.home() / ".cache" / "ricefm")
+
+
+def _rice_root_atlas() -> EvalDataset:
+    """The whole rice radicle atlas the shipped 2,000 cells come from (SRA SRP309176, Zhang et al. 2021,
+    scPlantDB labels), prepared once by the user (README, "Evaluation at scale"): too large to ship."""
+    path = data_dir() / RICE_ROOT_ATLAS
+    if not path.is_file():
+        raise RiceFMInputError(f"--dataset rice_root_atlas: {path} not found; prepare it once as the README's "
+                               f"'Evaluation at scale' recipe says (or set {DATA_DIR_ENV} to its folder)")
+    return EvalDataset("rice_root_atlas", path, "celltype", ("unlabeled",))
+
+
+REGISTRY = {"rice_root": _rice_root, "rice_root_atlas": _rice_root_atlas, "pbmc68k_reduced": _pbmc68k_reduced}
 
 
 def resolve_dataset(name_or_path: str, label_key: str | None = None,
