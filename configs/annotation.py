@@ -29,4 +29,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.max_seq_len = 0  # 0: the checkpoint's training length
     c.selection = "highest"  # genes kept when a cell has more than max_seq_len - 1
     c.length_multiple = 32  # batch lengths padded up to a multiple (few shapes for XLA)
+    c.batching = "bucketed"  # training batches of similar-length cells (shuffled windows); published: random
     return c

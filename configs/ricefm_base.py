@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.gen_ratios = (0.25, 0.5, 0.75)  # mask_ratio: gen fraction drawn per batch, each in (0, 1)
     c.data.valid_fraction = 0.1  # valid_size_or_ratio
     c.data.seed = 0  # split, epoch order and gen/pcpt split
+    # bucketed: cells of similar length batched together (sorted within shuffle windows) and padded to a
+    # multiple of 64 tokens; published: random batches padded to the longest cell (exact reproduction)
+    c.data.batching = "bucketed"
     c.data.prefetch = 4  # batches read ahead
     c.data.num_workers = 0  # loader processes (0 = a background thread)
 

@@ -73,8 +73,9 @@ def classify_h5ad(classifier: Classifier, src: H5adSource, mapping: VocabMapping
         for lo in range(0, src.n_obs, BLOCK_CELLS):
             hi = min(lo + BLOCK_CELLS, src.n_obs)
             cells = TokenizedCells.from_mapped(mapping.apply(src.read_rows(lo, hi)), modality[lo:hi], index_offset=lo)
+            by_length = np.argsort(np.minimum(cells.lengths, max_seq_len - 1), kind="stable")  # little padding
             for s in range(0, len(cells), batch_size):
-                rows = np.arange(s, min(s + batch_size, len(cells)))
+                rows = by_length[s:s + batch_size]
                 logits, e = classifier.classify(cells.batch(rows, tokens, max_seq_len, selection, LENGTH_MULTIPLE))
                 proba[lo + rows], emb[lo + rows] = softmax(logits.astype(np.float64)), e
                 bar.update(len(rows))

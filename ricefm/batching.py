@@ -55,6 +55,41 @@ def steps_per_epoch(n_cells: int, batch_size: int, world_size: int = 1, drop_las
     return -(-largest_rank // batch_size)
 
 
+BATCHING = ("bucketed", "published")
+WINDOW_BATCHES = 32  # global batches per shuffle window of the bucketed order
+LENGTH_STEP = 64  # bucketed batch lengths are multiples of this (or max_seq_len)
+
+
+def bucketed_order(lengths: np.ndarray, seed: int, epoch: int, global_batch: int,
+                   window_batches: int = WINDOW_BATCHES) -> np.ndarray:
+    """The epoch order regrouped so that each global batch holds cells of similar length.
+
+    The (seed, epoch) permutation is cut into windows of ``window_batches`` global batches; within
+    a window cells are sorted by length (ties keep the permutation's order) and cut into batches,
+    whose order inside the window is shuffled by (seed, epoch, window). So every cell is still
+    used once per epoch, batches still mix cells from all over the data, and the whole order is a
+    pure function of (lengths, seed, epoch, global batch). A partial last batch stays last.
+    """
+    order = epoch_order(len(lengths), seed, epoch)
+    width = global_batch * window_batches
+    out = []
+    for w, start in enumerate(range(0, len(order), width)):
+        window = order[start:start + width]
+        window = window[np.argsort(lengths[window], kind="stable")]
+        full = len(window) // global_batch
+        batches = window[:full * global_batch].reshape(full, global_batch)
+        out.append(batches[_rng(seed, epoch, w, 0xB0C7).permutation(full)].ravel())
+        out.append(window[full * global_batch:])
+    return np.concatenate(out) if out else order
+
+
+def bucket_length(length: int, max_seq_len: int, step: int = LENGTH_STEP) -> int:
+    """The padded length of a bucketed batch whose longest cell needs ``length`` tokens: the next
+    multiple of ``step``, at most ``max_seq_len``; so a compiled step sees ceil(max_seq_len / step)
+    lengths at most (19 at 1,200 tokens), each with one program per gen ratio."""
+    return int(min(max_seq_len, -(-int(length) // step) * step))
+
+
 def batch_cells(n_cells: int, seed: int, epoch: int, step: int, batch_size: int,
                 rank: int = 0, world_size: int = 1) -> np.ndarray:
     mine = rank_cells(epoch_order(n_cells, seed, epoch), rank, world_size)
@@ -145,10 +180,11 @@ def collate_generative(cells: CellBatch, tokens: TokenSpec, max_seq_len: int, ge
 
 
 def pad_generative(batch: dict[str, np.ndarray], max_seq_len: int, tokens: TokenSpec) -> dict[str, np.ndarray]:
-    """Pad a generative batch to the lengths it would have if its longest cell filled max_seq_len.
+    """Pad a generative batch to the lengths it would have if its longest cell filled ``max_seq_len``
+    tokens (the config's, or a bucket length at most that).
 
     Every token stays (the split never drops more genes at the longer lengths), so the loss is
-    unchanged, and a compiled step sees one shape per gen ratio instead of one per batch.
+    unchanged, and a compiled step sees one shape per gen ratio and length instead of one per batch.
     """
     r = float(batch["gen_prob"])
     gen_len = int((max_seq_len - 1) * r)
@@ -222,8 +258,11 @@ class BatchStream:
     def __init__(self, dataset: ShardedCells, tokens: TokenSpec, batch_size: int, max_seq_len: int,
                  gen_ratios: Sequence[float], seed: int, rank: int = 0, world_size: int = 1,
                  start_epoch: int = 0, start_step: int = 0, n_epochs: int | None = None, prefetch: int = 4,
-                 cells: np.ndarray | None = None, num_workers: int = 0, pad_to_max: bool = False):
-        self.dataset, self.tokens = dataset, tokens
+                 cells: np.ndarray | None = None, num_workers: int = 0, pad_to_max: bool = False,
+                 batching: str = "published"):
+        if batching not in BATCHING:
+            raise ValueError(f"batching {batching!r} is not one of {BATCHING}")
+        self.dataset, self.tokens, self.batching = dataset, tokens, batching
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.gen_ratios = tuple(float(r) for r in gen_ratios)
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -233,6 +272,7 @@ class BatchStream:
         self.cells = np.arange(len(dataset)) if cells is None else np.asarray(cells, np.int64)
         self.steps_per_epoch = steps_per_epoch(len(self.cells), batch_size, world_size)
         self._order_epoch, self._order = -1, np.zeros(0, np.int64)
+        self._lengths = dataset.lengths()[self.cells] if batching == "bucketed" else None
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.cells)} cells over {world_size} rank(s) make no batch of {batch_size}")
 
@@ -243,7 +283,11 @@ class BatchStream:
     def _rank_order(self, epoch: int) -> np.ndarray:
         # one permutation per epoch, not per batch (a 1M-cell permutation costs ~10 ms)
         if self._order_epoch != epoch:
-            self._order = rank_cells(epoch_order(len(self.cells), self.seed, epoch), self.rank, self.world_size)
+            if self.batching == "bucketed":
+                order = bucketed_order(self._lengths, self.seed, epoch, self.batch_size * self.world_size)
+            else:
+                order = epoch_order(len(self.cells), self.seed, epoch)
+            self._order = rank_cells(order, self.rank, self.world_size)
             self._order_epoch = epoch
         return self._order
 
@@ -254,7 +298,10 @@ class BatchStream:
     def _collate(self, epoch: int, step: int, cells: CellBatch) -> dict[str, np.ndarray]:
         ratio = self.gen_ratios[_rng(self.seed, epoch, step).integers(len(self.gen_ratios))]
         batch = collate_generative(cells, self.tokens, self.max_seq_len, ratio, self.seed, epoch)
-        if self.pad_to_max:  # static shapes for compiled (XLA) steps
+        if self.batching == "bucketed":  # a few fixed lengths: little padding, few compiled shapes
+            length = batch["pcpt_gene_ids"].shape[1] + batch["gen_gene_ids"].shape[1]
+            batch = pad_generative(batch, bucket_length(length, self.max_seq_len), self.tokens)
+        elif self.pad_to_max:  # static shapes for compiled (XLA) steps
             batch = pad_generative(batch, self.max_seq_len, self.tokens)
         batch["epoch"], batch["step"] = np.int64(epoch), np.int64(step)
         return batch
@@ -335,7 +382,7 @@ class BatchStream:
         # spawn, not fork: TensorStore's thread pools do not survive a fork
         ctx = mp.get_context("spawn")
         spec = (str(self.dataset.directory), self.tokens, self.batch_size, self.max_seq_len, self.gen_ratios,
-                self.seed, self.rank, self.world_size, self.cells, self.pad_to_max)
+                self.seed, self.rank, self.world_size, self.cells, self.pad_to_max, self.batching)
         with ctx.Pool(self.num_workers, initializer=_worker_init, initargs=spec) as pool:
             pending: collections.deque = collections.deque()
             positions = self._positions()
@@ -352,10 +399,11 @@ _WORKER_STREAM: BatchStream | None = None
 
 
 def _worker_init(directory, tokens, batch_size, max_seq_len, gen_ratios, seed, rank, world_size, cells,
-                 pad_to_max) -> None:
+                 pad_to_max, batching) -> None:
     global _WORKER_STREAM
     _WORKER_STREAM = BatchStream(ShardedCells(directory), tokens, batch_size, max_seq_len, gen_ratios, seed,
-                                 rank=rank, world_size=world_size, prefetch=0, cells=cells, pad_to_max=pad_to_max)
+                                 rank=rank, world_size=world_size, prefetch=0, cells=cells, pad_to_max=pad_to_max,
+                                 batching=batching)
 
 
 def _worker_batch(epoch: int, step: int) -> dict[str, np.ndarray]:

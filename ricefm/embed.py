@@ -82,11 +82,16 @@ def embed_cells(embedder: Embedder, src: H5adSource, mapping: VocabMapping, moda
 
 def embed_tokenized(embedder: Embedder, cells: TokenizedCells, batch_size: int, max_seq_len: int, selection: str,
                     on_batch: Callable[[int], Any] | None = None) -> np.ndarray:
-    """Embeddings of cells already in memory, in order, ``batch_size`` at a time."""
+    """Embeddings of cells already in memory, in their order, ``batch_size`` at a time.
+
+    Batches are cut from the cells sorted by length (the same length-aware batching as training),
+    so a batch pads to a length close to all of its cells; results go back to the cells' order.
+    """
     tokens = TokenSpec(embedder.vocab.pad_id, embedder.vocab.cls_id, float(embedder.model_config.pad_value))
     out = np.zeros((len(cells), int(embedder.model_config.d_model)), np.float32)
+    by_length = np.argsort(np.minimum(cells.lengths, max_seq_len - 1), kind="stable")
     for s in range(0, len(cells), batch_size):
-        rows = np.arange(s, min(s + batch_size, len(cells)))
+        rows = by_length[s:s + batch_size]
         out[rows] = embedder.embed(cells.batch(rows, tokens, max_seq_len, selection, LENGTH_MULTIPLE))
         if on_batch is not None:
             on_batch(len(rows))

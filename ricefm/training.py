@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ricefm.atomic import staged_dir, write_bytes_atomic, write_json_atomic
-from ricefm.batching import BatchStream, TokenSpec, collate_generative, split_cells, steps_per_epoch
+from ricefm.batching import BATCHING, BatchStream, TokenSpec, collate_generative, split_cells, steps_per_epoch
 from ricefm.errors import RiceFMInputError, did_you_mean
 from ricefm.init import initial_state
 from ricefm.locks import ExclusiveLock
@@ -89,6 +89,8 @@ def check_settings(cfg: ml_collections.ConfigDict) -> None:
     if int(cfg.data.max_seq_len) < shortest:
         raise RiceFMInputError(f"--config.data.max_seq_len={cfg.data.max_seq_len}: leaves no gen token at gen ratio "
                                f"{min(ratios)}; use at least {shortest}")
+    if cfg.data.batching not in BATCHING:
+        raise RiceFMInputError(f"--config.data.batching={cfg.data.batching!r}: choose one of {', '.join(BATCHING)}")
     if cfg.optim.schedule != "cosine":
         raise RiceFMInputError(f"--config.optim.schedule={cfg.optim.schedule!r}: only 'cosine' (with warmup) is supported")
 
@@ -351,7 +353,7 @@ def run(p: Plan, steps: Steps, resume: bool, make_writer: Callable[[str], Any], 
     stream = BatchStream(p.data.cells, p.data.tokens, p.batch_per_process, cfg.data.max_seq_len, cfg.data.gen_ratios,
                          cfg.data.seed, rank=p.rank, world_size=p.world_size, start_epoch=epoch, start_step=micro,
                          prefetch=cfg.data.prefetch, cells=p.data.train_cells, num_workers=cfg.data.num_workers,
-                         pad_to_max=pad_to_max)
+                         pad_to_max=pad_to_max, batching=cfg.data.batching)
     batches = iter(stream)
     bar = tqdm(total=p.total_steps, initial=step, unit="step", desc=name, disable=not (progress and p.main))
     try:

@@ -21,7 +21,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ricefm.backends import Finetuner, get_backend
-from ricefm.batching import TokenSpec
+from ricefm.batching import BATCHING, TokenSpec, bucketed_order
 from ricefm.cells import TokenizedCells
 from ricefm.errors import RiceFMInputError, did_you_mean
 
@@ -65,6 +65,8 @@ def validate_config(cfg: ml_collections.ConfigDict, flag: str = "--annotation") 
         problems.append(f"class_weighting={cfg.class_weighting!r} is not balanced or none")
     if not cfg.seeds:
         problems.append("seeds is empty")
+    if cfg.batching not in BATCHING:
+        problems.append(f"batching={cfg.batching!r} is not one of {', '.join(BATCHING)}")
     if not 0 < float(cfg.valid_fraction) < 1:
         problems.append(f"valid_fraction={cfg.valid_fraction} must be strictly between 0 and 1")
     if int(cfg.max_seq_len) == 1 or int(cfg.max_seq_len) < 0:
@@ -210,8 +212,13 @@ class AnnotationRun:
         return self.cells.batch(rows, self.tokens, self.max_seq_len, self.cfg.selection, self.cfg.length_multiple)
 
     def predict(self, rows: np.ndarray) -> np.ndarray:
+        """Logits of ``rows`` in their order, batched by length (less padding)."""
         bs = int(self.cfg.batch_size)
-        return np.concatenate([self.ft.logits(self._batch(rows[i:i + bs])) for i in range(0, len(rows), bs)])
+        perm = np.argsort(self.cells.lengths[rows], kind="stable")
+        logits = np.concatenate([self.ft.logits(self._batch(rows[perm[i:i + bs]])) for i in range(0, len(rows), bs)])
+        out = np.empty_like(logits)
+        out[perm] = logits
+        return out
 
     def fit(self, train: np.ndarray, valid: np.ndarray, seed: int, desc: str) -> tuple[list[dict[str, Any]], int]:
         """Fine-tune from the checkpoint on ``train`` rows, one validation pass per epoch, stopping after
@@ -226,7 +233,10 @@ class AnnotationRun:
         history, best, best_snapshot, stale = [], (-1.0, math.inf), None, 0
         bar = tqdm(range(int(cfg.max_epochs)), desc=desc, unit="epoch", disable=not self.progress)
         for epoch in bar:
-            order = train[_rng(seed, epoch, 0x7EA1).permutation(len(train))]
+            if cfg.batching == "bucketed":  # similar lengths per batch, as in pretraining
+                order = train[bucketed_order(self.cells.lengths[train], seed, epoch, bs)]
+            else:
+                order = train[_rng(seed, epoch, 0x7EA1).permutation(len(train))]
             t0 = time.perf_counter()
             losses = [self.ft.train_step(self._batch(order[i:i + bs]), y[order[i:i + bs]], weights)
                       for i in range(0, len(order), bs)]

@@ -163,5 +163,9 @@ class ShardedCells:
                  for k in range(len(self.manifest.shards))]
         return np.concatenate(codes), list(self.manifest.obs_columns[column])
 
+    def lengths(self) -> np.ndarray:
+        """Stored genes per cell, every cell (from the per-cell index: no per-gene data is read)."""
+        return np.concatenate([np.diff(self._cell_index(k)[0]) for k in range(len(self.manifest.shards))])
+
     def modality(self) -> np.ndarray:
         return np.concatenate([self._cell_index(k)[1] for k in range(len(self.manifest.shards))])
