@@ -115,6 +115,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return ckpt
 
 
+def load_finetuned(path: str | Path) -> Checkpoint:
+    """A checkpoint made by ``ricefm finetune`` (a ``cls_decoder`` head and its class names), any format."""
+    ckpt = load_checkpoint(path)
+    if ckpt.finetune is None:
+        raise RiceFMInputError(f"{path}: not a fine-tuned checkpoint (no cls_decoder head and class names); "
+                               "make one with `ricefm finetune`")
+    return ckpt
+
+
 def _read(path: Path, fmt: str) -> Checkpoint:
     if fmt == "seed":
         try:

@@ -195,6 +195,18 @@ def _doctor(args: argparse.Namespace) -> None:
     print(format_report(report(args.device)))
 
 
+def _h5ad_input_options(p: argparse.ArgumentParser) -> None:
+    """How an .h5ad's counts and genes are read (embed, finetune, annotate), as for build-data."""
+    from ricefm.gene_maps import GENE_MAP_NAMES
+    from ricefm.shards.build import DEFAULT_MIN_GENE_FRACTION
+
+    p.add_argument("--layer", default=None, help="read counts from layers[NAME] instead of X")
+    p.add_argument("--gene-column", default=None, help="var column holding gene ids (default: var_names)")
+    p.add_argument("--gene-map", default=None, choices=GENE_MAP_NAMES, help="translate gene ids with a shipped table")
+    p.add_argument("--modality", default="scrna", help="scrna | spatial | obs:COLUMN")
+    p.add_argument("--min-gene-fraction", type=float, default=DEFAULT_MIN_GENE_FRACTION)
+
+
 def make_parser() -> argparse.ArgumentParser:
     from ricefm.gene_maps import GENE_MAP_NAMES
     from ricefm.shards.build import DEFAULT_CELLS_PER_SHARD, DEFAULT_MIN_GENE_FRACTION
@@ -233,11 +245,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "inference protocol, whatever the training length)")
     e.add_argument("--selection", default="highest", choices=("highest", "first", "random"),
                    help="genes kept when a cell has more than max_seq_len-1: highest counts (default), first, random")
-    e.add_argument("--layer", default=None)
-    e.add_argument("--gene-column", default=None)
-    e.add_argument("--gene-map", default=None, choices=GENE_MAP_NAMES)
-    e.add_argument("--modality", default="scrna", help="scrna | spatial | obs:COLUMN")
-    e.add_argument("--min-gene-fraction", type=float, default=DEFAULT_MIN_GENE_FRACTION)
+    _h5ad_input_options(e)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_embed)
 
@@ -275,11 +283,7 @@ def make_parser() -> argparse.ArgumentParser:
     f.add_argument("--backend", default="torch", choices=tuple(BACKENDS))
     f.add_argument("--device", default="auto", help=DEVICE_HELP)
     f.add_argument("--exclude-labels", default=None, metavar="A,B", help="labels not to learn (e.g. unlabeled)")
-    f.add_argument("--layer", default=None)
-    f.add_argument("--gene-column", default=None)
-    f.add_argument("--gene-map", default=None, choices=GENE_MAP_NAMES)
-    f.add_argument("--modality", default="scrna", help="scrna | spatial | obs:COLUMN")
-    f.add_argument("--min-gene-fraction", type=float, default=DEFAULT_MIN_GENE_FRACTION)
+    _h5ad_input_options(f)
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_finetune, takes_config=True)
 
@@ -296,11 +300,7 @@ def make_parser() -> argparse.ArgumentParser:
                                                      "and write OUTPUT.metrics.json and OUTPUT.confusion.png")
     a.add_argument("--batch-size", type=int, default=64)
     a.add_argument("--max-seq-len", type=int, default=None, help="default: the length the checkpoint was fine-tuned at")
-    a.add_argument("--layer", default=None)
-    a.add_argument("--gene-column", default=None)
-    a.add_argument("--gene-map", default=None, choices=GENE_MAP_NAMES)
-    a.add_argument("--modality", default="scrna", help="scrna | spatial | obs:COLUMN")
-    a.add_argument("--min-gene-fraction", type=float, default=DEFAULT_MIN_GENE_FRACTION)
+    _h5ad_input_options(a)
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=_annotate)
 

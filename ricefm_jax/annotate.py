@@ -9,8 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from converters.formats import load_checkpoint
-from ricefm.errors import RiceFMInputError
+from converters.formats import load_finetuned
 from ricefm_jax import devices
 from ricefm_jax.backend import device_description
 from ricefm_jax.checkpoints import model_from_checkpoint
@@ -21,10 +20,7 @@ INPUTS = ("gene_ids", "values", "key_padding_mask", "mod_types")
 class JaxClassifier:
     def __init__(self, checkpoint: str | Path, device: str = "auto", attention: str = "dot_product"):
         self.device = devices.resolve_devices(device)[0]
-        ckpt = load_checkpoint(checkpoint)
-        if ckpt.finetune is None:
-            raise RiceFMInputError(f"{checkpoint}: not a fine-tuned checkpoint (no cls_decoder head and class names); "
-                                   "make one with `ricefm finetune`")
+        ckpt = load_finetuned(checkpoint)
         self.model = model_from_checkpoint(ckpt, checkpoint, attention=attention)
         nnx.update(self.model, jax.device_put(nnx.state(self.model), self.device))
         self.model.eval()

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from converters.formats import load_checkpoint
-from ricefm.errors import RiceFMInputError
+from converters.formats import load_finetuned
 from ricefm_npu import compat, devices
 from ricefm_npu.checkpoints import model_from_checkpoint
 
@@ -20,10 +19,7 @@ class TorchClassifier:
     def __init__(self, checkpoint: str | Path, device: str = "auto"):
         compat.check_runtime()
         self.device = devices.resolve_device(device)
-        ckpt = load_checkpoint(checkpoint)
-        if ckpt.finetune is None:
-            raise RiceFMInputError(f"{checkpoint}: not a fine-tuned checkpoint (no cls_decoder head and class names); "
-                                   "make one with `ricefm finetune`")
+        ckpt = load_finetuned(checkpoint)
         self.model = model_from_checkpoint(ckpt, checkpoint, attention=devices.default_attention(self.device))
         self.model.to(self.device).eval()
         self.model_config, self.vocab, self.finetune = ckpt.model, ckpt.vocab, ckpt.finetune
