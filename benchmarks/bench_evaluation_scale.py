@@ -7,8 +7,8 @@ Each size runs in a fresh process (so its peak RSS is its own) on synthetic cell
 structure:
 - 15 cell types in 4 lineages, with log-normal type sizes (a few common types and rare ones);
 - a 256-d embedding (the base model's width): lineage centre + type offset + cell noise;
-- raw counts over 20,000 genes, ~1,000 non-zero genes per cell (sampled from a log-normal gene
-  popularity shared by all cells, plus a 100-gene program per type and per lineage).
+- raw counts over 20,000 genes: 1,000 draws per cell (~800 distinct non-zero genes) from a
+  log-normal gene popularity shared by all cells, plus a 100-gene program per type and per lineage.
 
 It times ``pca_baseline`` (normalize, log1p, 2k HVGs, 50 PCs) and ``zero_shot_metrics`` on the
 embedding and on the PCA: kNN graph once, ten Leiden resolutions, silhouette on a seeded

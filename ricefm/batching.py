@@ -57,7 +57,7 @@ def steps_per_epoch(n_cells: int, batch_size: int, world_size: int = 1, drop_las
 
 BATCHING = ("bucketed", "published")
 WINDOW_BATCHES = 32  # global batches per shuffle window of the bucketed order
-LENGTH_STEP = 64  # bucketed batch lengths are multiples of this (or max_seq_len)
+LENGTH_STEP = 64  # bucketed batch lengths are multiples of this (or max_seq_len): data.length_step
 
 
 def bucketed_order(lengths: np.ndarray, seed: int, epoch: int, global_batch: int,
@@ -259,10 +259,10 @@ class BatchStream:
                  gen_ratios: Sequence[float], seed: int, rank: int = 0, world_size: int = 1,
                  start_epoch: int = 0, start_step: int = 0, n_epochs: int | None = None, prefetch: int = 4,
                  cells: np.ndarray | None = None, num_workers: int = 0, pad_to_max: bool = False,
-                 batching: str = "published"):
+                 batching: str = "published", length_step: int = LENGTH_STEP):
         if batching not in BATCHING:
             raise ValueError(f"batching {batching!r} is not one of {BATCHING}")
-        self.dataset, self.tokens, self.batching = dataset, tokens, batching
+        self.dataset, self.tokens, self.batching, self.length_step = dataset, tokens, batching, int(length_step)
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.gen_ratios = tuple(float(r) for r in gen_ratios)
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -300,7 +300,7 @@ class BatchStream:
         batch = collate_generative(cells, self.tokens, self.max_seq_len, ratio, self.seed, epoch)
         if self.batching == "bucketed":  # a few fixed lengths: little padding, few compiled shapes
             length = batch["pcpt_gene_ids"].shape[1] + batch["gen_gene_ids"].shape[1]
-            batch = pad_generative(batch, bucket_length(length, self.max_seq_len), self.tokens)
+            batch = pad_generative(batch, bucket_length(length, self.max_seq_len, self.length_step), self.tokens)
         elif self.pad_to_max:  # static shapes for compiled (XLA) steps
             batch = pad_generative(batch, self.max_seq_len, self.tokens)
         batch["epoch"], batch["step"] = np.int64(epoch), np.int64(step)
@@ -382,7 +382,7 @@ class BatchStream:
         # spawn, not fork: TensorStore's thread pools do not survive a fork
         ctx = mp.get_context("spawn")
         spec = (str(self.dataset.directory), self.tokens, self.batch_size, self.max_seq_len, self.gen_ratios,
-                self.seed, self.rank, self.world_size, self.cells, self.pad_to_max, self.batching)
+                self.seed, self.rank, self.world_size, self.cells, self.pad_to_max, self.batching, self.length_step)
         with ctx.Pool(self.num_workers, initializer=_worker_init, initargs=spec) as pool:
             pending: collections.deque = collections.deque()
             positions = self._positions()
@@ -399,11 +399,11 @@ _WORKER_STREAM: BatchStream | None = None
 
 
 def _worker_init(directory, tokens, batch_size, max_seq_len, gen_ratios, seed, rank, world_size, cells,
-                 pad_to_max, batching) -> None:
+                 pad_to_max, batching, length_step) -> None:
     global _WORKER_STREAM
     _WORKER_STREAM = BatchStream(ShardedCells(directory), tokens, batch_size, max_seq_len, gen_ratios, seed,
                                  rank=rank, world_size=world_size, prefetch=0, cells=cells, pad_to_max=pad_to_max,
-                                 batching=batching)
+                                 batching=batching, length_step=length_step)
 
 
 def _worker_batch(epoch: int, step: int) -> dict[str, np.ndarray]:

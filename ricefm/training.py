@@ -76,7 +76,7 @@ def check_settings(cfg: ml_collections.ConfigDict) -> None:
     checks = [("data.batch_size", cfg.data.batch_size, 1), ("data.eval_batch_size", cfg.data.eval_batch_size, 1),
               ("optim.grad_accum_steps", cfg.optim.grad_accum_steps, 1), ("train.log_every", cfg.train.log_every, 1),
               ("train.checkpoint_every", cfg.train.checkpoint_every, 1), ("train.max_steps", cfg.train.max_steps, 0),
-              ("train.stop_at_step", cfg.train.stop_at_step, 0)]
+              ("train.stop_at_step", cfg.train.stop_at_step, 0), ("data.length_step", cfg.data.length_step, 1)]
     if not cfg.train.max_steps:  # the epochs count the steps only when max_steps does not
         checks.append(("train.epochs", cfg.train.epochs, 1))
     for name, value, least in checks:
@@ -353,7 +353,7 @@ def run(p: Plan, steps: Steps, resume: bool, make_writer: Callable[[str], Any], 
     stream = BatchStream(p.data.cells, p.data.tokens, p.batch_per_process, cfg.data.max_seq_len, cfg.data.gen_ratios,
                          cfg.data.seed, rank=p.rank, world_size=p.world_size, start_epoch=epoch, start_step=micro,
                          prefetch=cfg.data.prefetch, cells=p.data.train_cells, num_workers=cfg.data.num_workers,
-                         pad_to_max=pad_to_max, batching=cfg.data.batching)
+                         pad_to_max=pad_to_max, batching=cfg.data.batching, length_step=cfg.data.length_step)
     batches = iter(stream)
     bar = tqdm(total=p.total_steps, initial=step, unit="step", desc=name, disable=not (progress and p.main))
     try:

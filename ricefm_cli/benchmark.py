@@ -168,7 +168,7 @@ def run_benchmark(checkpoint: str | Path, dataset: EvalDataset, backends: Sequen
         src.close()
     is_counts = bool(np.all(np.mod(data.counts.data, 1) == 0))
     with phases("PCA baseline"):
-        pca = pca_baseline(data.counts[np.flatnonzero(data.keep)], is_counts=is_counts)
+        pca = pca_baseline(data.counts[np.flatnonzero(data.keep)], is_counts=is_counts, progress=progress)
     with phases("zero-shot metrics PCA"):
         methods["PCA"] = zero_shot_metrics(pca, data.labels, progress=progress, desc="zero-shot PCA")
     report = {"checkpoint": str(checkpoint), "dataset": {"name": dataset.name, "path": str(dataset.path),
@@ -185,5 +185,5 @@ def run_benchmark(checkpoint: str | Path, dataset: EvalDataset, backends: Sequen
             report["annotation"] = _annotation(checkpoint, data, pca, backends, device, annotation, progress)
     report["timings"] = phases.seconds  # the report's own writing (UMAPs) is the rest of the wall time
     with staged_dir(output) as folder:
-        write_report(folder, report, embeddings, pca, data.labels, backends)
+        write_report(folder, report, embeddings, pca, data.labels, backends, progress=progress)
     return report

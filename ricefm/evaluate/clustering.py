@@ -90,23 +90,30 @@ def zero_shot_metrics(embedding: np.ndarray, labels: pd.Series, seed: int = 0, a
             **timings}
 
 
-def pca_baseline(X: sp.spmatrix | np.ndarray, is_counts: bool = True, n_hvg: int = 2000, n_pcs: int = 50) -> np.ndarray:
+def pca_baseline(X: sp.spmatrix | np.ndarray, is_counts: bool = True, n_hvg: int = 2000, n_pcs: int = 50,
+                 progress: bool = False) -> np.ndarray:
     import scanpy as sc
+    from tqdm.auto import tqdm
 
-    a = ad.AnnData(X=sp.csr_matrix(X, dtype=np.float32))
-    if is_counts:
-        sc.pp.normalize_total(a, target_sum=1e4)
-        sc.pp.log1p(a)
-    sc.pp.highly_variable_genes(a, n_top_genes=min(n_hvg, a.n_vars), subset=True)
-    n = min(n_pcs, a.n_vars - 1, a.n_obs - 1)
-    sc.pp.pca(a, n_comps=n, random_state=0)
+    with tqdm(total=3, desc="PCA baseline", unit="step", disable=not progress) as bar:
+        a = ad.AnnData(X=sp.csr_matrix(X, dtype=np.float32))
+        if is_counts:
+            sc.pp.normalize_total(a, target_sum=1e4)
+            sc.pp.log1p(a)
+        bar.update(1)
+        sc.pp.highly_variable_genes(a, n_top_genes=min(n_hvg, a.n_vars), subset=True)
+        bar.update(1)
+        n = min(n_pcs, a.n_vars - 1, a.n_obs - 1)
+        sc.pp.pca(a, n_comps=n, random_state=0)
+        bar.update(1)
     return a.obsm["X_pca"]
 
 
 UMAP_MAX_CELLS = 30_000
 
 
-def umap_png(embeddings: dict[str, np.ndarray], labels: pd.Series, path, title: str, seed: int = 0) -> None:
+def umap_png(embeddings: dict[str, np.ndarray], labels: pd.Series, path, title: str, seed: int = 0,
+             progress: bool = False) -> None:
     """One UMAP panel per embedding, coloured by cell type; above ``UMAP_MAX_CELLS`` cells, of a seeded
     uniform subsample of them (the same cells in every panel; the title says so)."""
     import matplotlib
@@ -124,7 +131,10 @@ def umap_png(embeddings: dict[str, np.ndarray], labels: pd.Series, path, title: 
     cats = labels.astype("category").cat.categories
     colors = dict(zip(cats, plt.cm.tab20(np.linspace(0, 1, max(len(cats), 2)))))
     fig, axes = plt.subplots(1, len(embeddings), figsize=(5 * len(embeddings), 4.6), squeeze=False)
-    for ax, (name, emb) in zip(axes[0], embeddings.items()):
+    from tqdm.auto import tqdm
+
+    for ax, (name, emb) in tqdm(list(zip(axes[0], embeddings.items())), desc="UMAP", unit="panel",
+                                disable=not progress):
         a = _embedding_adata(emb)
         sc.pp.neighbors(a, use_rep="X_emb", random_state=0)
         sc.tl.umap(a, random_state=0)

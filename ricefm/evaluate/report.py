@@ -131,13 +131,13 @@ def _annotation_markdown(a: dict[str, Any]) -> list[str]:
 
 
 def write_report(folder: Path, report: dict[str, Any], embeddings: dict[str, np.ndarray], pca: np.ndarray,
-                 labels: pd.Series, backends: Sequence[str]) -> None:
+                 labels: pd.Series, backends: Sequence[str], progress: bool = False) -> None:
     """report.json, report.md, umap.png and (with annotation) confusion.png into ``folder``."""
     name = report["dataset"]["name"]
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (folder / "report.md").write_text(markdown(report))
     umap_png({**{f"riceFM ({k})": v for k, v in embeddings.items()}, "PCA": pca}, labels, folder / "umap.png",
-             f"{name}: cell types")
+             f"{name}: cell types", progress=progress)
     if "annotation" in report:
         a = report["annotation"]
         ann.confusion_png({(f"riceFM ({m})" if m in backends else m): a["methods"][m]["confusion_total"]
