@@ -259,10 +259,11 @@ class BatchStream:
                  gen_ratios: Sequence[float], seed: int, rank: int = 0, world_size: int = 1,
                  start_epoch: int = 0, start_step: int = 0, n_epochs: int | None = None, prefetch: int = 4,
                  cells: np.ndarray | None = None, num_workers: int = 0, pad_to_max: bool = False,
-                 batching: str = "published", length_step: int = LENGTH_STEP):
+                 batching: str = "published", length_step: int = LENGTH_STEP, accum: int = 1):
         if batching not in BATCHING:
             raise ValueError(f"batching {batching!r} is not one of {BATCHING}")
         self.dataset, self.tokens, self.batching, self.length_step = dataset, tokens, batching, int(length_step)
+        self.accum = int(accum)  # micro-batches per optimizer step: bucketed groups the cells of a whole step
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.gen_ratios = tuple(float(r) for r in gen_ratios)
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -284,7 +285,7 @@ class BatchStream:
         # one permutation per epoch, not per batch (a 1M-cell permutation costs ~10 ms)
         if self._order_epoch != epoch:
             if self.batching == "bucketed":
-                order = bucketed_order(self._lengths, self.seed, epoch, self.batch_size * self.world_size)
+                order = bucketed_order(self._lengths, self.seed, epoch, self.batch_size * self.world_size * self.accum)
             else:
                 order = epoch_order(len(self.cells), self.seed, epoch)
             self._order = rank_cells(order, self.rank, self.world_size)
@@ -382,7 +383,8 @@ class BatchStream:
         # spawn, not fork: TensorStore's thread pools do not survive a fork
         ctx = mp.get_context("spawn")
         spec = (str(self.dataset.directory), self.tokens, self.batch_size, self.max_seq_len, self.gen_ratios,
-                self.seed, self.rank, self.world_size, self.cells, self.pad_to_max, self.batching, self.length_step)
+                self.seed, self.rank, self.world_size, self.cells, self.pad_to_max, self.batching, self.length_step,
+                self.accum)
         with ctx.Pool(self.num_workers, initializer=_worker_init, initargs=spec) as pool:
             pending: collections.deque = collections.deque()
             positions = self._positions()
@@ -399,11 +401,11 @@ _WORKER_STREAM: BatchStream | None = None
 
 
 def _worker_init(directory, tokens, batch_size, max_seq_len, gen_ratios, seed, rank, world_size, cells,
-                 pad_to_max, batching, length_step) -> None:
+                 pad_to_max, batching, length_step, accum) -> None:
     global _WORKER_STREAM
     _WORKER_STREAM = BatchStream(ShardedCells(directory), tokens, batch_size, max_seq_len, gen_ratios, seed,
                                  rank=rank, world_size=world_size, prefetch=0, cells=cells, pad_to_max=pad_to_max,
-                                 batching=batching, length_step=length_step)
+                                 batching=batching, length_step=length_step, accum=accum)
 
 
 def _worker_batch(epoch: int, step: int) -> dict[str, np.ndarray]:

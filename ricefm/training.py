@@ -353,7 +353,8 @@ def run(p: Plan, steps: Steps, resume: bool, make_writer: Callable[[str], Any], 
     stream = BatchStream(p.data.cells, p.data.tokens, p.batch_per_process, cfg.data.max_seq_len, cfg.data.gen_ratios,
                          cfg.data.seed, rank=p.rank, world_size=p.world_size, start_epoch=epoch, start_step=micro,
                          prefetch=cfg.data.prefetch, cells=p.data.train_cells, num_workers=cfg.data.num_workers,
-                         pad_to_max=pad_to_max, batching=cfg.data.batching, length_step=cfg.data.length_step)
+                         pad_to_max=pad_to_max, batching=cfg.data.batching, length_step=cfg.data.length_step,
+                         accum=accum)
     batches = iter(stream)
     bar = tqdm(total=p.total_steps, initial=step, unit="step", desc=name, disable=not (progress and p.main))
     try:
