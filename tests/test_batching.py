@@ -264,3 +264,14 @@ def test_bucketed_stream_pads_little_keeps_every_token_and_splits_ranks_like_one
            zip(h["cell_index"], h["gen_gene_ids"], h["gen_key_padding_mask"])}
     want = {int(c): tuple(g[~m]) for c, g, m in zip(one["cell_index"], one["gen_gene_ids"], one["gen_key_padding_mask"])}
     assert got == want  # the global batch of one process, split between two ranks, same gen tokens
+
+
+def test_bucketed_micro_batches_of_one_step_are_the_cells_of_the_larger_batch(demo_dataset):
+    tok = TokenSpec(pad_id=demo_dataset.vocab.pad_id, cls_id=demo_dataset.vocab.cls_id)
+    large = BatchStream(demo_dataset, tok, 16, 1200, (0.5,), seed=5, batching="bucketed", prefetch=0)
+    micro = BatchStream(demo_dataset, tok, 8, 1200, (0.5,), seed=5, batching="bucketed", prefetch=0, accum=2)
+    for step in (0, 7, 30):
+        cells = np.concatenate([micro.batch(0, 2 * step + m)["cell_index"] for m in range(2)])
+        assert sorted(cells) == sorted(large.batch(0, step)["cell_index"])
+    with pytest.raises(ValueError, match="batching 'sorted' is not one of"):
+        BatchStream(demo_dataset, tok, 8, 1200, (0.5,), seed=5, batching="sorted")
