@@ -84,10 +84,9 @@ def pretrain_and_embed(config, workdir: Path, data_dir: Path, train_steps: int) 
           f"checkpoints in {run_dir}")
     embedder = load_embedder("torch", run_dir / "best", device="auto")
     with resources.as_file(resources.files("ricefm.resources").joinpath(DEMO_H5AD)) as h5ad:
-        info = embed_h5ad(h5ad, workdir / "embeddings.h5ad", embedder, batch_size=64,
-                          max_seq_len=config.data.max_seq_len)
+        info = embed_h5ad(h5ad, workdir / "embeddings.h5ad", embedder, batch_size=64)  # the published protocol
     print(f"embedded {info['cells']:,} cells -> {workdir / 'embeddings.h5ad'} obsm['X_ricefm'] "
-          f"({int(config.model.d_model)} dims)")
+          f"({int(config.model.d_model)} dims; <cls> + up to {info['max_seq_len'] - 1:,} genes a cell)")
 
 
 def benchmark(workdir: Path, backends: tuple[str, ...]) -> None:
