@@ -74,7 +74,8 @@ def test_twenty_steps_from_scratch_match_the_torch_trainer(data_dir, tmp_path, c
         assert abs(a["loss_total"] - b["loss_total"]) <= 1e-4 * abs(a["loss_total"])
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"]  # gradients: 1e-4 rel (DESIGN.md)
         assert a["lr"] == b["lr"]
-    assert t["history"][-1]["loss_total"] < 0.8 * t["history"][0]["loss_total"]
+    losses = [h["loss_total"] for h in t["history"]]  # batches differ in cell length: compare 5-step means
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     torch_params = load_checkpoint(tmp_path / "torch/checkpoints/latest").state
     holder = FlaxRiceFM.from_config(cfg.model, len(torch_params["encoder.embedding.weight"]))
     from flax import nnx
