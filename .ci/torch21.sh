@@ -10,7 +10,8 @@ venv=.venv-torch21
 python3 -m venv "$venv"
 py="$venv/bin/python"
 "$py" -m pip install --quiet --upgrade pip
-"$py" -m pip install --quiet torch==2.1.0 "numpy<2"
+# ~3 GB of CUDA wheels from PyPI: resume interrupted downloads instead of failing the lane
+"$py" -m pip install --quiet --resume-retries 30 torch==2.1.0 "numpy<2"
 "$py" -m pip install --quiet -e ".[torch,dev]" "numpy<2"
 "$py" -c "import torch, numpy; print(f'torch {torch.__version__}, numpy {numpy.__version__}'); torch.from_numpy(numpy.ones(1))"
 echo "torch 2.1 lane: installed in $((SECONDS - start))s"
