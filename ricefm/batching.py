@@ -21,6 +21,8 @@ import numpy as np
 from ricefm.shards.reader import CellBatch, PendingRead, ShardedCells
 
 SELECTIONS = ("highest", "first", "random")
+# the keys of a pcpt-only batch (embedding, fine-tuning, annotation) a model's forward takes
+PCPT_INPUTS = ("gene_ids", "values", "key_padding_mask", "mod_types")
 # the keys of a generative batch a model's forward takes (the rest are targets and bookkeeping)
 GENERATIVE_INPUTS = ("pcpt_gene_ids", "pcpt_values", "pcpt_key_padding_mask", "mod_types",
                      "gen_gene_ids", "gen_key_padding_mask")

@@ -10,11 +10,10 @@ import numpy as np
 from flax import nnx
 
 from converters.formats import load_finetuned
+from ricefm.batching import PCPT_INPUTS
 from ricefm_jax import devices
 from ricefm_jax.backend import device_description
 from ricefm_jax.checkpoints import model_from_checkpoint
-
-INPUTS = ("gene_ids", "values", "key_padding_mask", "mod_types")
 
 
 class JaxClassifier:
@@ -35,5 +34,5 @@ class JaxClassifier:
         self._forward = forward
 
     def classify(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        logits, emb = self._forward(self.model, *jax.device_put([batch[k] for k in INPUTS], self.device))
+        logits, emb = self._forward(self.model, *jax.device_put([batch[k] for k in PCPT_INPUTS], self.device))
         return np.asarray(logits, np.float32), np.asarray(emb, np.float32)

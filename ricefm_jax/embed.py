@@ -12,11 +12,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ricefm.batching import PCPT_INPUTS
 from ricefm_jax import devices
 from ricefm_jax.backend import device_description
 from ricefm_jax.checkpoints import load_flax_model
-
-INPUTS = ("gene_ids", "values", "key_padding_mask", "mod_types")
 
 
 class JaxEmbedder:
@@ -34,5 +33,5 @@ class JaxEmbedder:
         self._cell_emb = cell_emb
 
     def embed(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        inputs = jax.device_put([batch[k] for k in INPUTS], self.device)
+        inputs = jax.device_put([batch[k] for k in PCPT_INPUTS], self.device)
         return np.asarray(self._cell_emb(self.model, *inputs), dtype=np.float32)

@@ -18,13 +18,12 @@ import optax
 from flax import nnx
 
 from converters.formats import load_checkpoint
+from ricefm.batching import PCPT_INPUTS
 from ricefm.evaluate.annotation import lr_factor
 from ricefm_jax import devices
 from ricefm_jax.backend import device_description
 from ricefm_jax.model import RiceFM
 from ricefm_jax.params import load_state_dict, state_dict
-
-INPUTS = ("gene_ids", "values", "key_padding_mask", "mod_types")
 
 
 class JaxFinetuner:
@@ -55,7 +54,7 @@ class JaxFinetuner:
         self.base_key = jax.device_put(jax.random.key(seed), self.device)
 
     def train_step(self, batch: dict[str, np.ndarray], labels: np.ndarray, weights: np.ndarray) -> float:
-        inputs, labels, weights = jax.device_put(({k: batch[k] for k in INPUTS}, labels.astype(np.int32), weights),
+        inputs, labels, weights = jax.device_put(({k: batch[k] for k in PCPT_INPUTS}, labels.astype(np.int32), weights),
                                                  self.device)
         self.params, self.opt_state, loss = self._train_step(self.params, self.opt_state, self.fixed, self.rest,
                                                              inputs, labels, weights, self.base_key,
@@ -64,7 +63,7 @@ class JaxFinetuner:
         return float(loss)
 
     def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        inputs = jax.device_put({k: batch[k] for k in INPUTS}, self.device)
+        inputs = jax.device_put({k: batch[k] for k in PCPT_INPUTS}, self.device)
         return np.asarray(self._logits(self.params, self.fixed, self.rest, inputs), np.float32)
 
     def snapshot(self) -> Any:
@@ -87,7 +86,7 @@ def _compile(graphdef, freeze: bool, lr: float, decay: float, clip: float, steps
                      optax.adam(lambda count: lr * lr_factor(count, steps_per_epoch, decay)))
 
     def cls_output(m, batch):
-        return m(*(batch[k] for k in INPUTS), do_mvc=False)["cls_output"]
+        return m(*(batch[k] for k in PCPT_INPUTS), do_mvc=False)["cls_output"]
 
     @jax.jit
     def train_step(params, opt_state, fixed, rest, batch, labels, weights, base_key, step):

@@ -9,10 +9,9 @@ import numpy as np
 import torch
 
 from converters.formats import load_finetuned
+from ricefm.batching import PCPT_INPUTS
 from ricefm_npu import compat, devices
 from ricefm_npu.checkpoints import model_from_checkpoint
-
-INPUTS = ("gene_ids", "values", "key_padding_mask", "mod_types")
 
 
 class TorchClassifier:
@@ -27,6 +26,6 @@ class TorchClassifier:
 
     @torch.no_grad()
     def classify(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        t = {k: torch.from_numpy(batch[k]).to(self.device) for k in INPUTS}
+        t = {k: torch.from_numpy(batch[k]).to(self.device) for k in PCPT_INPUTS}
         out = self.model(t["gene_ids"], t["values"], t["key_padding_mask"], t["mod_types"], do_mvc=False)
         return out["cls_output"].float().cpu().numpy(), out["cell_emb"].float().cpu().numpy()

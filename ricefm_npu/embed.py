@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ricefm.batching import PCPT_INPUTS
 from ricefm_npu import compat, devices
 from ricefm_npu.checkpoints import load_torch_checkpoint
 
@@ -22,6 +23,6 @@ class TorchEmbedder:
 
     @torch.no_grad()
     def embed(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        t = {k: torch.from_numpy(batch[k]).to(self.device) for k in ("gene_ids", "values", "key_padding_mask", "mod_types")}
+        t = {k: torch.from_numpy(batch[k]).to(self.device) for k in PCPT_INPUTS}
         out = self.model(t["gene_ids"], t["values"], t["key_padding_mask"], t["mod_types"], do_mvc=False)
         return out["cell_emb"].float().cpu().numpy()

@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from converters.formats import load_checkpoint
+from ricefm.batching import PCPT_INPUTS
 from ricefm.evaluate.annotation import lr_factor
 from ricefm_npu import compat, devices
 from ricefm_npu.checkpoints import strict_load
 from ricefm_npu.model import RiceFM
-
-INPUTS = ("gene_ids", "values", "key_padding_mask", "mod_types")
 
 
 class TorchFinetuner:
@@ -51,7 +50,7 @@ class TorchFinetuner:
         self.clip, self.params = float(cfg.grad_clip_norm), params
 
     def _forward(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
-        t = {k: torch.from_numpy(batch[k]).to(self.device) for k in INPUTS}
+        t = {k: torch.from_numpy(batch[k]).to(self.device) for k in PCPT_INPUTS}
         return self.model(t["gene_ids"], t["values"], t["key_padding_mask"], t["mod_types"], do_mvc=False)["cls_output"]
 
     def train_step(self, batch: dict[str, np.ndarray], labels: np.ndarray, weights: np.ndarray) -> float:

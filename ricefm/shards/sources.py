@@ -122,11 +122,7 @@ class H5adSource:
             block = sp.csr_matrix((data, block.indices, block.indptr), shape=block.shape)
         bad = ~np.isfinite(data) | (data < 0)
         if self.require_integers and not bad.any():
-            fractional = data != np.floor(data)
-            if fractional.any():
-                k = int(np.flatnonzero(fractional)[0])
-                row = start + int(np.searchsorted(block.indptr, k, side="right") - 1)
-                raise RiceFMInputError(self._non_counts_message(float(data[k]), row, int(block.indices[k])))
+            self._count_non_integers(block, start, refuse=True)
         if bad.any():
             k = int(np.flatnonzero(bad)[0])
             row = start + int(np.searchsorted(block.indptr, k, side="right") - 1)
@@ -138,12 +134,20 @@ class H5adSource:
                 "(non-negative, finite): pass --layer with the raw-count layer")
         return block
 
-    def _non_counts_message(self, value: float, row: int, gene: int) -> str:
-        layers = sorted(self._file["layers"].keys()) if "layers" in self._file else []
-        return (f"{self.path}: {self.field} holds non-integer values, e.g. {value:g} at cell {row} "
-                f"({self.obs.index[row]!r}), gene {self.genes[gene]!r}: it looks normalized or log-transformed, and "
-                f"riceFM is pretrained on raw counts; pass --layer with the raw counts (layers here: "
-                f"{', '.join(layers) or 'none'}), or --allow-non-counts to build from these values knowingly")
+    def _count_non_integers(self, block: sp.csr_matrix, start: int, refuse: bool) -> int:
+        """Non-integer values among the block's non-zeros (rows from ``start``); with ``refuse``, the
+        first one is an error naming its cell and gene and the fixes."""
+        fractional = block.data != np.floor(block.data)
+        if refuse and fractional.any():
+            k = int(np.flatnonzero(fractional)[0])
+            row = start + int(np.searchsorted(block.indptr, k, side="right") - 1)
+            layers = sorted(self._file["layers"].keys()) if "layers" in self._file else []
+            raise RiceFMInputError(
+                f"{self.path}: {self.field} holds non-integer values, e.g. {float(block.data[k]):g} at cell {row} "
+                f"({self.obs.index[row]!r}), gene {self.genes[int(block.indices[k])]!r}: it looks normalized or "
+                f"log-transformed, and riceFM is pretrained on raw counts; pass --layer with the raw counts (layers "
+                f"here: {', '.join(layers) or 'none'}), or --allow-non-counts to build from these values knowingly")
+        return int(fractional.sum())
 
     def check_counts(self, sample_blocks: int = COUNTS_SAMPLE_BLOCKS, block_rows: int = COUNTS_SAMPLE_ROWS
                      ) -> dict[str, int]:
@@ -160,12 +164,8 @@ class H5adSource:
                 if lo >= hi:
                     continue
                 block = self.read_rows(lo, hi)
-                fractional = block.data != np.floor(block.data)
-                if require and fractional.any():
-                    k = int(np.flatnonzero(fractional)[0])
-                    row = lo + int(np.searchsorted(block.indptr, k, side="right") - 1)
-                    raise RiceFMInputError(self._non_counts_message(float(block.data[k]), row, int(block.indices[k])))
-                rows, values, non_integer = rows + hi - lo, values + block.nnz, non_integer + int(fractional.sum())
+                non_integer += self._count_non_integers(block, lo, refuse=require)
+                rows, values = rows + hi - lo, values + block.nnz
         finally:
             self.require_integers = require
         return {"cells_sampled": rows, "values_sampled": values, "non_integer_sampled": non_integer}
