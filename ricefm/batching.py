@@ -92,6 +92,44 @@ def bucket_length(length: int, max_seq_len: int, step: int = LENGTH_STEP) -> int
     return int(min(max_seq_len, -(-int(length) // step) * step))
 
 
+def token_budget_batches(lengths: np.ndarray, seed: int, epoch: int, tokens_per_batch: int, devices: int,
+                         max_seq_len: int, length_step: int = LENGTH_STEP,
+                         window_batches: int = WINDOW_BATCHES) -> list[np.ndarray]:
+    """The global micro-batches of one epoch under a token budget (``data.tokens_per_batch``).
+
+    A batch whose longest cell pads to L tokens (``bucket_length``) holds ``tokens_per_batch // L``
+    cells per device (``devices`` in all ranks), so every batch computes about the same number of
+    token positions and each
+    length has one batch size (one compiled program per length and gen ratio, as without a
+    budget). The (seed, epoch) permutation is cut into windows; a window's cells, with the cells
+    left over from the previous window, are sorted by length and cut into batches from the longest
+    end; the few shortest cells that do not fill a batch move on to the next window (those of the
+    last window are left out of this epoch); batches are shuffled within their window. A pure
+    function of its arguments; rank r of W takes cells r, r + W, ... of each batch.
+    """
+    if tokens_per_batch < max_seq_len:
+        raise ValueError(f"tokens_per_batch {tokens_per_batch} is below max_seq_len {max_seq_len}: a full-length "
+                         "cell would not fit")
+    tokens = np.minimum(np.asarray(lengths, np.int64) + 1, max_seq_len)
+
+    def cells_per_batch(length: int) -> int:
+        return devices * (tokens_per_batch // bucket_length(length, max_seq_len, length_step))
+
+    order = epoch_order(len(tokens), seed, epoch)
+    width = window_batches * cells_per_batch(max_seq_len)
+    batches, carry = [], np.zeros(0, np.int64)
+    for w, start in enumerate(range(0, len(order), width)):
+        window = np.concatenate([carry, order[start:start + width]])
+        window = window[np.argsort(tokens[window], kind="stable")]
+        cut, hi = [], len(window)
+        while hi > 0 and (n := cells_per_batch(int(tokens[window[hi - 1]]))) <= hi:
+            cut.append(window[hi - n:hi])
+            hi -= n
+        carry = window[:hi]
+        batches += [cut[i] for i in _rng(seed, epoch, w, 0x70B5).permutation(len(cut))]
+    return batches
+
+
 def batch_cells(n_cells: int, seed: int, epoch: int, step: int, batch_size: int,
                 rank: int = 0, world_size: int = 1) -> np.ndarray:
     mine = rank_cells(epoch_order(n_cells, seed, epoch), rank, world_size)
@@ -261,9 +299,15 @@ class BatchStream:
                  gen_ratios: Sequence[float], seed: int, rank: int = 0, world_size: int = 1,
                  start_epoch: int = 0, start_step: int = 0, n_epochs: int | None = None, prefetch: int = 4,
                  cells: np.ndarray | None = None, num_workers: int = 0, pad_to_max: bool = False,
-                 batching: str = "published", length_step: int = LENGTH_STEP, accum: int = 1):
+                 batching: str = "published", length_step: int = LENGTH_STEP, accum: int = 1,
+                 tokens_per_batch: int = 0, devices_per_rank: int = 1):
         if batching not in BATCHING:
             raise ValueError(f"batching {batching!r} is not one of {BATCHING}")
+        if tokens_per_batch and batching != "bucketed":
+            raise ValueError("tokens_per_batch needs batching='bucketed'")
+        # > 0: batch_size gives way to a budget of token positions per device, each rank holding
+        # devices_per_rank devices (a batch is split evenly over them)
+        self.tokens_per_batch, self.devices_per_rank = int(tokens_per_batch), int(devices_per_rank)
         self.dataset, self.tokens, self.batching, self.length_step = dataset, tokens, batching, int(length_step)
         self.accum = int(accum)  # micro-batches per optimizer step: bucketed groups the cells of a whole step
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
@@ -273,11 +317,20 @@ class BatchStream:
         self.prefetch, self.num_workers, self.pad_to_max = prefetch, num_workers, pad_to_max
         # a subset of the dataset (e.g. the training split); positions index into it
         self.cells = np.arange(len(dataset)) if cells is None else np.asarray(cells, np.int64)
-        self.steps_per_epoch = steps_per_epoch(len(self.cells), batch_size, world_size)
-        self._order_epoch, self._order = -1, np.zeros(0, np.int64)
+        self._order_epoch, self._order, self._budget = -1, np.zeros(0, np.int64), []
         self._lengths = dataset.lengths()[self.cells] if batching == "bucketed" else None
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.cells)} cells over {world_size} rank(s) make no batch of {batch_size}")
+        self._fixed_steps = steps_per_epoch(len(self.cells), batch_size, world_size)
+        if self.steps_in_epoch(start_epoch) == 0:
+            raise ValueError(f"{len(self.cells)} cells over {world_size} rank(s) make no batch of "
+                             + (f"{self.tokens_per_batch} tokens" if self.tokens_per_batch else f"{batch_size}"))
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Micro-batches per rank in ``epoch`` (the same on every rank; with a token budget it
+        depends on how the epoch's cells fall into lengths)."""
+        if not self.tokens_per_batch:
+            return self._fixed_steps
+        self._rank_order(epoch)
+        return len(self._budget)
 
     def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
         """The batch at (epoch, step) for this rank; a pure function of its arguments."""
@@ -286,7 +339,12 @@ class BatchStream:
     def _rank_order(self, epoch: int) -> np.ndarray:
         # one permutation per epoch, not per batch (a 1M-cell permutation costs ~10 ms)
         if self._order_epoch != epoch:
-            if self.batching == "bucketed":
+            if self.tokens_per_batch:
+                self._budget = [b[self.rank::self.world_size] for b in token_budget_batches(
+                    self._lengths, self.seed, epoch, self.tokens_per_batch, self.world_size * self.devices_per_rank,
+                    self.max_seq_len, self.length_step)]
+                order = np.zeros(0, np.int64)
+            elif self.batching == "bucketed":
                 order = bucketed_order(self._lengths, self.seed, epoch, self.batch_size * self.world_size * self.accum)
             else:
                 order = epoch_order(len(self.cells), self.seed, epoch)
@@ -295,7 +353,8 @@ class BatchStream:
         return self._order
 
     def _read(self, epoch: int, step: int) -> PendingRead:
-        pos = self._rank_order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
+        order = self._rank_order(epoch)
+        pos = self._budget[step] if self.tokens_per_batch else order[step * self.batch_size:(step + 1) * self.batch_size]
         return self.dataset.read_async(self.cells[pos])
 
     def _collate(self, epoch: int, step: int, cells: CellBatch) -> dict[str, np.ndarray]:
@@ -312,7 +371,7 @@ class BatchStream:
     def _positions(self) -> Iterator[tuple[int, int]]:
         epoch, step = self.start_epoch, self.start_step
         while self.n_epochs is None or epoch < self.n_epochs:
-            while step < self.steps_per_epoch:
+            while step < self.steps_in_epoch(epoch):
                 yield epoch, step
                 step += 1
             epoch, step = epoch + 1, 0
@@ -386,7 +445,7 @@ class BatchStream:
         ctx = mp.get_context("spawn")
         spec = (str(self.dataset.directory), self.tokens, self.batch_size, self.max_seq_len, self.gen_ratios,
                 self.seed, self.rank, self.world_size, self.cells, self.pad_to_max, self.batching, self.length_step,
-                self.accum)
+                self.accum, self.tokens_per_batch, self.devices_per_rank)
         with ctx.Pool(self.num_workers, initializer=_worker_init, initargs=spec) as pool:
             pending: collections.deque = collections.deque()
             positions = self._positions()
@@ -403,11 +462,12 @@ _WORKER_STREAM: BatchStream | None = None
 
 
 def _worker_init(directory, tokens, batch_size, max_seq_len, gen_ratios, seed, rank, world_size, cells,
-                 pad_to_max, batching, length_step, accum) -> None:
+                 pad_to_max, batching, length_step, accum, tokens_per_batch, devices_per_rank) -> None:
     global _WORKER_STREAM
     _WORKER_STREAM = BatchStream(ShardedCells(directory), tokens, batch_size, max_seq_len, gen_ratios, seed,
                                  rank=rank, world_size=world_size, prefetch=0, cells=cells, pad_to_max=pad_to_max,
-                                 batching=batching, length_step=length_step, accum=accum)
+                                 batching=batching, length_step=length_step, accum=accum,
+                                 tokens_per_batch=tokens_per_batch, devices_per_rank=devices_per_rank)
 
 
 def _worker_batch(epoch: int, step: int) -> dict[str, np.ndarray]:

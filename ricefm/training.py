@@ -23,7 +23,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ricefm.atomic import staged_dir, write_bytes_atomic, write_json_atomic
-from ricefm.batching import BATCHING, BatchStream, TokenSpec, collate_generative, split_cells, steps_per_epoch
+from ricefm.batching import (BATCHING, BatchStream, TokenSpec, collate_generative, split_cells, steps_per_epoch,
+                             token_budget_batches)
+from ricefm.dropout import MASKS
 from ricefm.errors import RiceFMInputError, did_you_mean
 from ricefm.init import initial_state
 from ricefm.locks import ExclusiveLock
@@ -89,8 +91,16 @@ def check_settings(cfg: ml_collections.ConfigDict) -> None:
     if int(cfg.data.max_seq_len) < shortest:
         raise RiceFMInputError(f"--config.data.max_seq_len={cfg.data.max_seq_len}: leaves no gen token at gen ratio "
                                f"{min(ratios)}; use at least {shortest}")
+    if cfg.model.get("dropout_masks", "fast") not in MASKS:
+        raise RiceFMInputError(f"--config.model.dropout_masks={cfg.model.dropout_masks!r}: choose one of {', '.join(MASKS)}")
     if cfg.data.batching not in BATCHING:
         raise RiceFMInputError(f"--config.data.batching={cfg.data.batching!r}: choose one of {', '.join(BATCHING)}")
+    budget = int(cfg.data.get("tokens_per_batch", 0))
+    if budget < 0 or (budget and budget < int(cfg.data.max_seq_len)):
+        raise RiceFMInputError(f"--config.data.tokens_per_batch={budget}: 0 (batches of data.batch_size cells) or at "
+                               f"least data.max_seq_len ({cfg.data.max_seq_len}), so that a full-length cell fits")
+    if budget and cfg.data.batching != "bucketed":
+        raise RiceFMInputError(f"--config.data.tokens_per_batch={budget} needs --config.data.batching=bucketed")
     if cfg.optim.schedule != "cosine":
         raise RiceFMInputError(f"--config.optim.schedule={cfg.optim.schedule!r}: only 'cosine' (with warmup) is supported")
 
@@ -158,11 +168,21 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str | Path, rank: int, world_s
     workdir = Path(workdir).resolve()
     data = open_training_data(cfg, (rank, world_size))
     accum = int(cfg.optim.grad_accum_steps)
-    micro_per_epoch = steps_per_epoch(len(data.train_cells), batch_per_process, world_size)
-    if micro_per_epoch < accum:
+    budget = int(cfg.data.get("tokens_per_batch", 0))
+    epochs = 1 if cfg.train.max_steps else int(cfg.train.epochs)
+    if budget:  # how many batches an epoch makes depends on its order: count each epoch's
+        lengths = data.cells.lengths()[data.train_cells]
+        devices = world_size * (batch_per_process // int(cfg.data.batch_size))
+        micro = [len(token_budget_batches(lengths, int(cfg.data.seed), e, budget, devices, int(cfg.data.max_seq_len),
+                                          int(cfg.data.length_step))) for e in range(epochs)]
+        unit = f"batches of {budget} tokens a device"
+    else:
+        micro = [steps_per_epoch(len(data.train_cells), batch_per_process, world_size)] * epochs
+        unit = f"batches of {batch_per_process} per process"
+    if min(micro) < accum:
         raise RiceFMInputError(f"{cfg.data.data_dir}: {len(data.train_cells)} training cells make fewer than {accum} "
-                               f"batches of {batch_per_process} per process; lower --config.data.batch_size")
-    total = int(cfg.train.max_steps) or int(cfg.train.epochs) * (micro_per_epoch // accum)
+                               f"{unit}; lower --config.data.batch_size or --config.data.tokens_per_batch")
+    total = int(cfg.train.max_steps) or sum(m // accum for m in micro)
     stop_at = min(total, int(cfg.train.stop_at_step) or total)
     lock = None
     if rank == 0:  # every check passed: now the workdir is made, and held against a second run
@@ -354,17 +374,18 @@ def run(p: Plan, steps: Steps, resume: bool, make_writer: Callable[[str], Any], 
                          cfg.data.seed, rank=p.rank, world_size=p.world_size, start_epoch=epoch, start_step=micro,
                          prefetch=cfg.data.prefetch, cells=p.data.train_cells, num_workers=cfg.data.num_workers,
                          pad_to_max=pad_to_max, batching=cfg.data.batching, length_step=cfg.data.length_step,
-                         accum=accum)
+                         accum=accum, tokens_per_batch=int(cfg.data.get("tokens_per_batch", 0)),
+                         devices_per_rank=p.batch_per_process // int(cfg.data.batch_size))
     batches = iter(stream)
     bar = tqdm(total=p.total_steps, initial=step, unit="step", desc=name, disable=not (progress and p.main))
     try:
         while step < p.stop_at:
             micro_batches = [next(batches) for _ in range(accum)]
-            epoch, micro = next_position(micro_batches[-1], stream.steps_per_epoch)
+            epoch, micro = next_position(micro_batches[-1], stream.steps_in_epoch(int(micro_batches[-1]["epoch"])))
             losses, grad_norm = steps.step(micro_batches, step, step >= cfg.train.cell_emb_pass_after)
             lr = p.lr(step)
             step += 1
-            record = log.step(step, losses, lr, grad_norm, accum * p.batch_per_process * p.world_size,
+            record = log.step(step, losses, lr, grad_norm, sum(len(b["mod_types"]) for b in micro_batches) * p.world_size,
                               sum(token_counts(b) for b in micro_batches), last=step == p.stop_at)
             bar.set_postfix(loss=f"{record['loss_total']:.3f}", lr=f"{lr:.2e}")
             bar.update(1)

@@ -21,8 +21,8 @@ def math_attention(q, k, v, masked, dropout=None):
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / math.sqrt(q.shape[-1]))
     scores = jnp.where(masked, -jnp.inf, scores)
     probs = jax.nn.softmax(scores, axis=-1)
-    if dropout is not None:
-        probs = dropout(probs)
+    if dropout is not None:  # its 1/(1-p) goes on the (B, Lq, H, hd) result, not on the probabilities
+        return jnp.einsum("bhqk,bkhd->bqhd", dropout(probs, scale=False), v) * dropout.output_scale()
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from ricefm.dropout import MASKS
 from ricefm_jax.attention import get_attention
+from ricefm_jax.dropout import Dropout
 
 
 def _layer_norm(d: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -45,7 +47,7 @@ class ValueEncoder(nnx.Module):
         self.linear1 = nnx.Linear(1, d_model, dtype=dtype, rngs=rngs)
         self.linear2 = nnx.Linear(d_model, d_model, dtype=dtype, rngs=rngs)
         self.norm = _layer_norm(d_model, eps, dtype, rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
         self.max_value = max_value
 
     def __call__(self, values: jax.Array) -> jax.Array:
@@ -65,7 +67,7 @@ class GenerativeSelfAttention(nnx.Module):
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.Wqkv = nnx.Linear(d_model, 3 * d_model, dtype=dtype, rngs=rngs)
         self.out_proj = nnx.Linear(d_model, d_model, dtype=dtype, rngs=rngs)
-        self.attn_dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.attn_dropout = Dropout(dropout, rngs=rngs)
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.attention = attention
 
@@ -106,9 +108,9 @@ class GenerativeSelfAttention(nnx.Module):
         to_self = jnp.einsum("bqhd,bqhd->bhq", q_g, k_g)[..., None] * scale
         to_self = jnp.where(gen_pad[:, None, :, None], -jnp.inf, to_self)
         probs = jax.nn.softmax(jnp.concatenate([to_pcpt, to_self], axis=-1), axis=-1)
-        probs = self.attn_dropout(probs)
+        probs = self.attn_dropout(probs, scale=False)  # its 1/(1-p) goes on the (B, Lg, H, hd) result
         out = jnp.einsum("bhqk,bkhd->bqhd", probs[..., :-1], v_p)
-        return out + jnp.swapaxes(probs[..., -1:], 1, 2) * v_g
+        return (out + jnp.swapaxes(probs[..., -1:], 1, 2) * v_g) * self.attn_dropout.output_scale()
 
 
 class GenerativeLayer(nnx.Module):
@@ -121,9 +123,9 @@ class GenerativeLayer(nnx.Module):
         self.linear2 = nnx.Linear(d_hid, d_model, dtype=dtype, rngs=rngs)
         self.norm1 = _layer_norm(d_model, eps, dtype, rngs)
         self.norm2 = _layer_norm(d_model, eps, dtype, rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.dropout1 = nnx.Dropout(dropout, rngs=rngs)
-        self.dropout2 = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
+        self.dropout1 = Dropout(dropout, rngs=rngs)
+        self.dropout2 = Dropout(dropout, rngs=rngs)
 
     def _feed_forward(self, x, attn):
         x = self.norm1(x + self.dropout1(attn))
@@ -211,12 +213,22 @@ class RiceFM(nnx.Module):
                    d_hid=model.d_hid, dropout=model.dropout, max_value=model.max_value,
                    layer_norm_eps=model.layer_norm_eps, n_modalities=model.n_modalities,
                    attention="math" if attention == "auto" else attention, dtype=dtype, rngs=nnx.Rngs(seed),
-                   n_cls=n_cls, n_layers_cls=int(model.get("n_layers_cls", 3)))
+                   n_cls=n_cls, n_layers_cls=int(model.get("n_layers_cls", 3))
+                   ).set_dropout_masks(model.get("dropout_masks", "fast"))
 
     def set_attention(self, name: str) -> None:
         get_attention(name)
         for layer in self.transformer_encoder.layers:
             layer.self_attn.attention = name
+
+    def set_dropout_masks(self, kind: str) -> "RiceFM":
+        """``fast`` (``ricefm_jax.dropout``'s counter-hash masks) or ``framework`` (``nnx.Dropout``'s)."""
+        if kind not in MASKS:
+            raise ValueError(f"dropout_masks {kind!r} is not one of {MASKS}")
+        for _, m in nnx.iter_graph(self):
+            if isinstance(m, Dropout):
+                m.fast = kind == "fast"
+        return self
 
     def __call__(self, pcpt_gene_ids, pcpt_values, pcpt_key_padding_mask, mod_types, gen_gene_ids=None,
                  gen_key_padding_mask=None, input_cell_emb=None, do_mvc: bool = True,

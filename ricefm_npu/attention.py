@@ -3,7 +3,8 @@
 Every kernel takes q (B, H, Lq, hd), k and v (B, H, Lk, hd) and a bool ``masked`` broadcastable
 to (B, H, Lq, Lk) that is True where a key must be ignored, and returns (B, H, Lq, hd). They are
 drop-ins for each other (tested against ``math``); scale is 1/sqrt(hd) and attention-weight
-dropout is ``dropout_p`` in training.
+dropout is ``dropout_p`` in training (``math`` draws its masks with ``ricefm_npu.dropout``, the
+fused kernels with their own generators).
 """
 
 from __future__ import annotations
@@ -13,24 +14,27 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ricefm_npu.dropout import apply_dropout
+
 IMPLEMENTATIONS = ("math", "sdpa", "npu_fusion")
 
 
-def math_attention(q, k, v, masked, dropout_p: float = 0.0, training: bool = False):
+def math_attention(q, k, v, masked, dropout_p: float = 0.0, training: bool = False, fast_dropout: bool = True):
     scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     scores = scores.masked_fill(masked, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    if training and dropout_p > 0:
-        probs = F.dropout(probs, p=dropout_p)
+    if training and dropout_p > 0:  # the 1/(1-p) factor goes on the (B, H, Lq, hd) result
+        return torch.matmul(apply_dropout(probs, dropout_p, True, scale=False, fast=fast_dropout), v) * (1.0 / (1.0 - dropout_p))
     return torch.matmul(probs, v)
 
 
-def sdpa_attention(q, k, v, masked, dropout_p: float = 0.0, training: bool = False):
+def sdpa_attention(q, k, v, masked, dropout_p: float = 0.0, training: bool = False, fast_dropout: bool = True):
     # SDPA's bool mask is True where attention is ALLOWED
     return F.scaled_dot_product_attention(q, k, v, attn_mask=~masked, dropout_p=dropout_p if training else 0.0)
 
 
-def npu_fusion_attention(q, k, v, masked, dropout_p: float = 0.0, training: bool = False):
+def npu_fusion_attention(q, k, v, masked, dropout_p: float = 0.0, training: bool = False,
+                         fast_dropout: bool = True):
     """``torch_npu.npu_fusion_attention`` in BNSD layout; its bool ``atten_mask`` is True = masked."""
     from ricefm_npu.devices import import_torch_npu
 

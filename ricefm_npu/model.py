@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ricefm.dropout import MASKS
 from ricefm_npu.attention import get_attention
+from ricefm_npu.dropout import Dropout, apply_dropout
 
 
 class GeneEncoder(nn.Module):
@@ -41,7 +43,7 @@ class ValueEncoder(nn.Module):
         self.linear1 = nn.Linear(1, d_model)
         self.linear2 = nn.Linear(d_model, d_model)
         self.norm = nn.LayerNorm(d_model, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.max_value = max_value
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
@@ -64,7 +66,7 @@ class GenerativeSelfAttention(nn.Module):
         self.Wqkv = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
         self.n_heads, self.head_dim, self.dropout = n_heads, d_model // n_heads, dropout
-        self.attention = attention
+        self.attention, self.fast_dropout = attention, True
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L, _ = x.shape
@@ -81,7 +83,7 @@ class GenerativeSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         q_p, k_p, v_p = self._qkv(pcpt)
         pcpt_masked = pcpt_pad[:, None, None, :]
-        pcpt_out = self.out_proj(self._merge(kernel(q_p, k_p, v_p, pcpt_masked, p, self.training)))
+        pcpt_out = self.out_proj(self._merge(kernel(q_p, k_p, v_p, pcpt_masked, p, self.training, self.fast_dropout)))
         if gen is None:
             return pcpt_out, None
         q_g, k_g, v_g = self._qkv(gen)
@@ -91,7 +93,8 @@ class GenerativeSelfAttention(nn.Module):
             Lg = gen.shape[1]
             own = torch.eye(Lg, dtype=torch.bool, device=gen.device)
             gen_masked = torch.cat([pcpt_masked.expand(-1, 1, Lg, -1), ~own | gen_pad[:, None, None, :]], dim=-1)
-            gen_out = kernel(q_g, torch.cat([k_p, k_g], 2), torch.cat([v_p, v_g], 2), gen_masked, p, self.training)
+            gen_out = kernel(q_g, torch.cat([k_p, k_g], 2), torch.cat([v_p, v_g], 2), gen_masked, p, self.training,
+                             self.fast_dropout)
         return pcpt_out, self._merge(gen_out)  # the gen result skips out_proj, as published
 
     def _gen_attention_math(self, q_g, k_g, v_g, k_p, v_p, pcpt_masked, gen_pad, p):
@@ -101,8 +104,9 @@ class GenerativeSelfAttention(nn.Module):
         to_pcpt = to_pcpt.masked_fill(pcpt_masked, float("-inf"))
         to_self = ((q_g * k_g).sum(-1, keepdim=True) * scale).masked_fill(gen_pad[:, None, :, None], float("-inf"))
         probs = torch.softmax(torch.cat([to_pcpt, to_self], dim=-1), dim=-1)
-        if p > 0:
-            probs = F.dropout(probs, p=p)
+        if p > 0:  # the 1/(1-p) factor goes on the (B, H, Lg, hd) result, not on the probabilities
+            probs = apply_dropout(probs, p, training=True, scale=False, fast=self.fast_dropout)
+            return (torch.matmul(probs[..., :-1], v_p) + probs[..., -1:] * v_g) * (1.0 / (1.0 - p))
         return torch.matmul(probs[..., :-1], v_p) + probs[..., -1:] * v_g
 
 
@@ -116,9 +120,9 @@ class GenerativeLayer(nn.Module):
         self.linear2 = nn.Linear(d_hid, d_model)
         self.norm1 = nn.LayerNorm(d_model, eps=eps)
         self.norm2 = nn.LayerNorm(d_model, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
 
     def _feed_forward(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x + self.dropout1(attn))
@@ -212,12 +216,23 @@ class RiceFM(nn.Module):
                    d_hid=model.d_hid, dropout=model.dropout, max_value=model.max_value,
                    layer_norm_eps=model.layer_norm_eps, n_modalities=model.n_modalities,
                    attention=_concrete(attention or model.attention), n_cls=n_cls,
-                   n_layers_cls=int(model.get("n_layers_cls", 3)))
+                   n_layers_cls=int(model.get("n_layers_cls", 3))).set_dropout_masks(model.get("dropout_masks", "fast"))
 
     def set_attention(self, name: str) -> None:
         get_attention(name)
         for layer in self.transformer_encoder.layers:
             layer.self_attn.attention = name
+
+    def set_dropout_masks(self, kind: str) -> "RiceFM":
+        """``fast`` (``ricefm_npu.dropout``'s cheap CPU masks) or ``framework`` (``F.dropout``)."""
+        if kind not in MASKS:
+            raise ValueError(f"dropout_masks {kind!r} is not one of {MASKS}")
+        for m in self.modules():
+            if isinstance(m, Dropout):
+                m.fast = kind == "fast"
+            elif isinstance(m, GenerativeSelfAttention):
+                m.fast_dropout = kind == "fast"
+        return self
 
     def forward(self, pcpt_gene_ids: torch.Tensor, pcpt_values: torch.Tensor, pcpt_key_padding_mask: torch.Tensor,
                 mod_types: torch.Tensor, gen_gene_ids: torch.Tensor | None = None,

@@ -115,7 +115,7 @@ def _stream(ds, **kw):
 
 def test_stream_resumes_exactly_at_any_step(demo_dataset):
     full = list(_stream(demo_dataset, n_epochs=2))
-    spe = _stream(demo_dataset).steps_per_epoch
+    spe = _stream(demo_dataset).steps_in_epoch(0)
     assert spe == 2000 // 32 and len(full) == 2 * spe
     resumed = list(_stream(demo_dataset, n_epochs=2, start_epoch=1, start_step=17))
     assert len(resumed) == spe - 17
@@ -275,3 +275,66 @@ def test_bucketed_micro_batches_of_one_step_are_the_cells_of_the_larger_batch(de
         assert sorted(cells) == sorted(large.batch(0, step)["cell_index"])
     with pytest.raises(ValueError, match="batching 'sorted' is not one of"):
         BatchStream(demo_dataset, tok, 8, 1200, (0.5,), seed=5, batching="sorted")
+
+
+def test_token_budget_batches_fill_the_budget_with_one_size_per_length():
+    from ricefm.batching import bucket_length, token_budget_batches
+
+    rng = np.random.default_rng(1)
+    lengths = np.clip(rng.lognormal(np.log(500), 0.6, 3000), 20, 3000).astype(np.int64)
+    args = dict(tokens_per_batch=4800, devices=2, max_seq_len=1200, length_step=64)
+    batches = token_budget_batches(lengths, 3, 1, **args)
+    again = token_budget_batches(lengths, 3, 1, **args)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again)) and len(batches) == len(again)  # pure
+    cells = np.concatenate(batches)
+    assert len(set(cells.tolist())) == len(cells)  # no cell twice
+    width = 32 * 2 * 4  # window: 32 batches of the full-length size (2 devices x 4800 // 1200)
+    assert len(lengths) - len(cells) < width  # only the last window's leftover is out of the epoch
+    sizes = {}
+    for b in batches:
+        L = bucket_length(min(int(lengths[b].max()) + 1, 1200), 1200)
+        assert len(b) == 2 * (4800 // L) and len(b) * L <= 2 * 4800  # the budget, split evenly over devices
+        sizes.setdefault(L, set()).add(len(b))
+    assert all(len(s) == 1 for s in sizes.values()) and len(sizes) <= 19  # one batch size per bucket length
+    assert max(len(b) for b in batches) > 4 * min(len(b) for b in batches)  # short cells ride in big batches
+    other = token_budget_batches(lengths, 3, 2, **args)
+    assert not np.array_equal(np.concatenate(other)[:100], cells[:100])  # another epoch, another order
+    with pytest.raises(ValueError, match="below max_seq_len"):
+        token_budget_batches(lengths, 3, 1, tokens_per_batch=1000, devices=1, max_seq_len=1200)
+
+
+def test_token_budget_stream_pads_little_and_two_ranks_are_one_process(demo_dataset):
+    tok = TokenSpec(pad_id=demo_dataset.vocab.pad_id, cls_id=demo_dataset.vocab.cls_id)
+
+    def stream(**kw):
+        kw.setdefault("tokens_per_batch", 9600)
+        return BatchStream(demo_dataset, tok, 8, 1200, (0.25, 0.5, 0.75), seed=5, batching="bucketed", prefetch=0,
+                           **kw)
+
+    one = stream()
+    steps = one.steps_in_epoch(0)
+    real = total = 0
+    seen = []
+    for s in range(steps):
+        b = one.batch(0, s)
+        width = b["pcpt_gene_ids"].shape[1] + b["gen_gene_ids"].shape[1]
+        assert len(b["cell_index"]) * width <= 9600
+        masks = (b["pcpt_key_padding_mask"], b["gen_key_padding_mask"])
+        real += sum(int((~m).sum()) for m in masks)
+        total += sum(m.size for m in masks)
+        seen += b["cell_index"].tolist()
+    assert real / total > 0.9 and len(seen) == len(set(seen)) > 1700
+    # 2 ranks with half the budget each = 1 process: same steps, disjoint halves of each global batch
+    halves = [stream(tokens_per_batch=9600, rank=r, world_size=2) for r in range(2)]
+    assert [h.steps_in_epoch(1) for h in halves] == [stream(tokens_per_batch=9600, devices_per_rank=2)
+                                                    .steps_in_epoch(1)] * 2
+    double = stream(tokens_per_batch=9600, devices_per_rank=2)
+    for s in (0, 5, halves[0].steps_in_epoch(1) - 1):
+        parts = [h.batch(1, s)["cell_index"] for h in halves]
+        assert len(parts[0]) == len(parts[1]) and not set(parts[0]) & set(parts[1])
+        assert sorted(np.concatenate(parts)) == sorted(double.batch(1, s)["cell_index"])
+    resumed = list(stream(n_epochs=1, start_step=steps - 3))
+    for a, s in zip(resumed, range(steps - 3, steps)):
+        np.testing.assert_array_equal(a["gen_gene_ids"], one.batch(0, s)["gen_gene_ids"])
+    with pytest.raises(ValueError, match="needs batching='bucketed'"):
+        BatchStream(demo_dataset, tok, 8, 1200, (0.5,), seed=5, tokens_per_batch=9600)

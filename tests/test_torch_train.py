@@ -77,6 +77,40 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_token_budget_plans_every_epoch_pads_little_and_resumes_exactly(tmp_path):
+    import anndata as ad
+    import numpy as np
+
+    from ricefm.batching import token_budget_batches
+    from ricefm.shards import ShardedCells
+    from ricefm.training import split_cells
+
+    small = ad.read_h5ad(REPO / "ricefm/resources/rice_root_SRP309176_2k.h5ad")[:160].copy()
+    small.write_h5ad(tmp_path / "small.h5ad")
+    data_dir = tmp_path / "data"
+    build_dataset([tmp_path / "small.h5ad"], data_dir, progress=False)
+    common = dict(data__max_seq_len=1200, data__tokens_per_batch=4800, train__epochs=2, train__checkpoint_every=1000,
+                  train__log_every=1)
+    straight = train(config(data_dir, **common), tmp_path / "straight", device="cpu", progress=False)
+    train_cells, _ = split_cells(160, 0.1, 0)
+    lengths = ShardedCells(data_dir).lengths()[train_cells]
+    per_epoch = [len(token_budget_batches(lengths, 0, e, 4800, 1, 1200, 64)) for e in range(2)]
+    assert straight["total_steps"] == straight["steps"] == sum(per_epoch)  # each epoch counted, not one twice
+    logged = [json.loads(line) for line in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+    assert np.mean([r["padding_fraction"] for r in logged]) < 0.10
+    stop = per_epoch[0] + 2  # stop inside the second epoch, then resume
+    train(config(data_dir, train__stop_at_step=stop, **common), tmp_path / "resumed", device="cpu", progress=False)
+    train(config(data_dir, **common), tmp_path / "resumed", device="cpu", resume=True, progress=False)
+    a = load_file(tmp_path / "straight/checkpoints/latest/model.safetensors")
+    b = load_file(tmp_path / "resumed/checkpoints/latest/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RiceFMInputError, match="tokens_per_batch=600: 0 .* or at least data.max_seq_len"):
+        train(config(data_dir, data__max_seq_len=1200, data__tokens_per_batch=600), tmp_path / "bad", device="cpu")
+    with pytest.raises(RiceFMInputError, match="needs --config.data.batching=bucketed"):
+        train(config(data_dir, data__tokens_per_batch=600, data__batching="published"), tmp_path / "bad2",
+              device="cpu")
+
+
 def test_resume_refuses_another_config(data_dir, tmp_path):
     train(config(data_dir, train__max_steps=2), tmp_path, device="cpu", progress=False)
     with pytest.raises(RiceFMInputError, match="config differs"):

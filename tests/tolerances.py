@@ -27,3 +27,14 @@ def assert_params_close(got: dict, want: dict, d_model: int) -> float:
         assert err <= STEP_RTOL, (k, err)
         worst = max(worst, err)
     return worst
+
+
+# Dropout rate over n independent elements: a binomial count, so the observed rate is within
+# RATE_SIGMAS standard deviations (sqrt(p (1 - p) / n)) of the configured one unless the mask is wrong.
+# Masks are seeded, so a test's outcome never changes between runs; 6 sigma leaves room for any seed.
+RATE_SIGMAS = 6.0
+
+
+def assert_rate(observed: float, p: float, n: int) -> None:
+    bound = RATE_SIGMAS * float(np.sqrt(p * (1 - p) / n))
+    assert abs(observed - p) <= bound, (observed, p, bound)

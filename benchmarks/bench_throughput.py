@@ -1,0 +1,447 @@
+"""Throughput on real cells: real (non-padding) tokens/s, padding and MFU per workload, in one run.
+
+    python benchmarks/bench_throughput.py [--batches 4] [--output benchmarks/results/throughput.json]
+
+Base-config model (d 256, 4 heads, 6 layers), fp32, on this machine. Workloads:
+- pretrain torch / pretrain jax: the trainers' own batches (``BatchStream``: max_seq_len 1,200,
+  gen ratios 0.25/0.5/0.75, batch 8 cells), forward + backward of both passes + clip + Adam;
+- finetune torch / jax: the annotation fine-tuning batches (``AnnotationRun``, at batch 8 here, up to 1,200
+  tokens, ``length_multiple`` 32), forward + backward + Adam, dropout 0.2;
+- embed torch / jax: ``ricefm embed``'s batches (<cls> + up to 3,000 genes), batch 8, forward only.
+Corpora: the shipped 2,000 rice root cells (median 512 non-zero genes, p90 968, max 1,556) and a
+synthetic plant-like corpus of 2,000 cells whose gene counts are log-normal with median 1,500,
+sigma 0.5, clipped to [200, 3,000] (deep plant scRNA-seq / spatial profiles).
+Variants: ``published`` batching with the frameworks' own dropout masks (the behaviour before this
+work: torch pads to the longest cell, the JAX trainer pads every batch to max_seq_len) against
+``bucketed`` with ``fast`` masks, and each against dropout 0; the first ``--batches`` batches of
+epoch 0 are timed after every shape was run once (JAX compiles one program per shape; the count
+and lengths an epoch needs are reported). Padding is counted over the whole epoch.
+
+Model FLOPs count real tokens only (padding is waste): per layer and stream of n tokens attending
+to m keys, 2n(3d^2 + d^2 [pcpt only: out_proj] + 2 d d_hid) + 4 n m d (QK^T and PV); pcpt: m = n_p;
+gen: m = n_p + 1 (its own token). Plus the value encoder 2 n_p (d + d^2), the expression decoder
+2 n (2 d^2 + d) on every token of both streams, and MVC 4 n d^2 + 2 n d (first pass). Training =
+3 x forward (backward = 2 x forward); pretraining has two passes (the second without MVC).
+MFU vs this machine's GEMM = model FLOP/s / the best fp32 (and bf16) matmul rate measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SEQ, PRETRAIN_BATCH, FINETUNE_BATCH, EMBED_BATCH, EMBED_SEQ = 1200, 8, 8, 8, 3001
+SYNTHETIC = {"cells": 2000, "median_genes": 1500, "sigma": 0.5, "min_genes": 200, "max_genes": 3000, "genes": 8000}
+
+
+# ---------------------------------------------------------------- data
+def synthetic_h5ad(path: Path, vocab) -> None:
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    s, rng = SYNTHETIC, np.random.default_rng(0)
+    n = np.clip(np.round(s["median_genes"] * np.exp(s["sigma"] * rng.standard_normal(s["cells"]))),
+                s["min_genes"], s["max_genes"]).astype(np.int64)
+    names = [g for g in vocab.as_dict() if not g.startswith("<")]
+    genes = [names[i] for i in rng.choice(len(names), s["genes"], replace=False)]
+    cols = np.concatenate([np.sort(rng.choice(s["genes"], k, replace=False)) for k in n])
+    X = sp.csr_matrix((rng.geometric(0.4, int(n.sum())).astype(np.float32), cols, np.r_[0, np.cumsum(n)]),
+                      shape=(s["cells"], s["genes"]))
+    obs = pd.DataFrame({"celltype": rng.choice([f"type{i}" for i in range(8)], s["cells"])},
+                       index=[f"c{i}" for i in range(s["cells"])])
+    ad.AnnData(X, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(path)
+
+
+def corpus(name: str, h5ad: Path, work: Path, vocab, annotation_cfg):
+    """(shards directory, tokenized cells with labels) of one corpus."""
+    from ricefm.finetune import read_reference
+    from ricefm.shards.build import build_dataset
+
+    shards = work / f"{name}_shards"
+    build_dataset([h5ad], shards, progress=False)
+    ref = read_reference(h5ad, "celltype", vocab, annotation_cfg, progress=False)
+    return shards, ref
+
+
+# ---------------------------------------------------------------- FLOPs
+def forward_flops(n_p: np.ndarray, n_g: np.ndarray, d: int, d_hid: int, layers: int, mvc: bool) -> np.ndarray:
+    """Model FLOPs of one forward pass per cell with n_p pcpt and n_g gen real tokens."""
+    n_p, n_g = n_p.astype(np.float64), n_g.astype(np.float64)
+    pcpt = 2 * n_p * (4 * d * d + 2 * d * d_hid) + 4 * n_p * n_p * d
+    gen = 2 * n_g * (3 * d * d + 2 * d * d_hid) + 4 * n_g * (n_p + 1) * d
+    heads = 2 * n_p * (d + d * d) + 2 * (n_p + n_g) * (2 * d * d + d)
+    if mvc:
+        heads += (n_p + n_g) * (4 * d * d + 2 * d)
+    return layers * (pcpt + gen) + heads
+
+
+def pretrain_flops(batch, m) -> float:
+    n_p = (~batch["pcpt_key_padding_mask"]).sum(1)
+    n_g = (~batch["gen_key_padding_mask"]).sum(1)
+    both = forward_flops(n_p, n_g, m.d_model, m.d_hid, m.n_layers, True) + \
+        forward_flops(n_p, n_g, m.d_model, m.d_hid, m.n_layers, False)
+    return float(3 * both.sum())
+
+
+def pcpt_flops(batch, m, train: bool) -> float:
+    n_p = (~batch["key_padding_mask"]).sum(1)
+    f = forward_flops(n_p, np.zeros_like(n_p), m.d_model, m.d_hid, m.n_layers, False)
+    if train:  # + the classification head (3 layers on the cell embedding; negligible) and backward
+        f = 3 * (f + 2 * 3 * m.d_model * m.d_model)
+    return float(f.sum())
+
+
+def token_counts(batch) -> tuple[int, int]:
+    masks = [v for k, v in batch.items() if k.endswith("key_padding_mask")]
+    return sum(int((~m).sum()) for m in masks), sum(int(m.size) for m in masks)
+
+
+# ---------------------------------------------------------------- machine
+def gemm_rates(n: int = 2048, reps: int = 5) -> dict[str, float]:
+    """Best matmul FLOP/s of torch and JAX at fp32 and bf16 (n x n x n)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        a = torch.randn(n, n).to(getattr(torch, dtype))
+        torch.matmul(a, a)
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, a)
+        out[f"torch_{dtype}"] = 2 * n ** 3 * reps / (time.perf_counter() - t)
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), getattr(jnp, dtype))
+        f = jax.jit(jnp.matmul)
+        f(x, x).block_until_ready()
+        t = time.perf_counter()
+        for _ in range(reps):
+            f(x, x).block_until_ready()
+        out[f"jax_{dtype}"] = 2 * n ** 3 * reps / (time.perf_counter() - t)
+    return out
+
+
+def mask_costs(shape=(8, 4, 600, 601), reps: int = 5) -> dict[str, float]:
+    """Seconds to drop out one attention-probability tensor: framework masks vs fast ones (which leave
+    the 1/(1-p) factor to the much smaller attention output, as the models do)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import torch.nn.functional as F
+
+    from ricefm_jax.dropout import apply_dropout as jax_dropout
+    from ricefm_npu.dropout import apply_dropout as torch_dropout
+
+    def timed(f) -> float:
+        f()
+        t = time.perf_counter()
+        for _ in range(reps):
+            f()
+        return (time.perf_counter() - t) / reps
+
+    x = torch.rand(shape)
+    y = jnp.asarray(x.numpy())
+    key = jax.random.key(0)
+    framework = jax.jit(lambda v: jnp.where(jax.random.bernoulli(key, 0.8, v.shape), v / 0.8, 0))
+    fast = jax.jit(lambda v: jax_dropout(v, 0.2, key, scale=False))
+    softmax = jax.jit(lambda v: jax.nn.softmax(v, -1))
+    return {"shape": list(shape),
+            "torch_softmax": timed(lambda: torch.softmax(x, -1)),
+            "torch_framework": timed(lambda: F.dropout(x, 0.2)),
+            "torch_fast": timed(lambda: torch_dropout(x, 0.2, True, scale=False)),
+            "jax_softmax": timed(lambda: softmax(y).block_until_ready()),
+            "jax_framework": timed(lambda: framework(y).block_until_ready()),
+            "jax_fast": timed(lambda: fast(y).block_until_ready())}
+
+
+# ---------------------------------------------------------------- steps
+def model_config(dropout: float, masks: str):
+    from ricefm_configs import ricefm_base
+
+    m = ricefm_base.get_config().model
+    m.dropout, m.dropout_masks = dropout, masks
+    return m
+
+
+def torch_pretrain_step(vocab_size: int, dropout: float, masks: str) -> Callable:
+    import torch
+
+    from ricefm_npu.model import RiceFM
+    from ricefm_npu.objective import PretrainingObjective
+
+    torch.manual_seed(0)
+    obj = PretrainingObjective(RiceFM.from_config(model_config(dropout, masks), vocab_size, attention="math").train())
+    opt = torch.optim.Adam(obj.parameters(), lr=1e-4)
+
+    def step(batch):
+        loss, _ = obj({k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()
+                       if k not in ("gen_prob", "cell_index", "epoch", "step")})
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(obj.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def jax_pretrain_step(vocab_size: int, dropout: float, masks: str) -> Callable:
+    import jax
+    import optax
+    from flax import nnx
+
+    from ricefm_jax.model import RiceFM
+    from ricefm_jax.train import BATCH_INPUTS, make_train_step
+
+    graphdef, params, rest = nnx.split(RiceFM.from_config(model_config(dropout, masks), vocab_size), nnx.Param, ...)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-4))
+    fn = make_train_step(graphdef, tx, jax.random.key(0))
+    state = {"params": params, "opt": tx.init(params), "i": 0}
+
+    def step(batch):
+        data = {k: jax.numpy.asarray(batch[k]) for k in BATCH_INPUTS}
+        state["params"], state["opt"], parts, _ = fn(state["params"], state["opt"], rest, data, state["i"])
+        jax.block_until_ready(parts["total"])
+        state["i"] += 1
+    return step
+
+
+def finetune_step(backend: str, checkpoint: Path, n_classes: int, masks: str) -> Callable:
+    from ricefm.evaluate.annotation import annotation_config, init_head, load_finetuner
+
+    cfg = annotation_config()
+    ft = load_finetuner(backend, checkpoint, device="cpu")
+    ft.model_config.dropout_masks = masks
+    ft.start(init_head(int(ft.model_config.d_model), n_classes, 3, 0), n_classes, cfg, 100, 0)
+    weights = np.ones(n_classes, np.float32)
+    return lambda batch: ft.train_step(batch, batch["labels"], weights)
+
+
+def embed_step(backend: str, checkpoint: Path) -> Callable:
+    from ricefm.embed import load_embedder
+
+    embedder = load_embedder(backend, checkpoint, device="cpu")
+    return embedder.embed
+
+
+# ---------------------------------------------------------------- batches
+def pretrain_batches(shards: Path, tokens, batching: str, pad_to_max: bool):
+    """Every batch of epoch 0 as the trainer builds it."""
+    from ricefm.batching import BatchStream
+    from ricefm.shards import ShardedCells
+
+    stream = BatchStream(ShardedCells(shards), tokens, PRETRAIN_BATCH, SEQ, (0.25, 0.5, 0.75), seed=0, prefetch=0,
+                         pad_to_max=pad_to_max, batching=batching, n_epochs=1)
+    return [stream.batch(0, s) for s in range(stream.steps_in_epoch(0))]
+
+
+def finetune_batches(ref, tokens, batching: str):
+    from ricefm.batching import bucketed_order
+
+    cells, n = ref.cells, len(ref.y)
+    if batching == "bucketed":
+        order = bucketed_order(cells.lengths, 0, 0, FINETUNE_BATCH)
+    else:
+        order = np.random.default_rng(0).permutation(n)
+    out = []
+    for i in range(0, n - FINETUNE_BATCH + 1, FINETUNE_BATCH):
+        rows = order[i:i + FINETUNE_BATCH]
+        b = cells.batch(rows, tokens, SEQ, "highest", 32)
+        b["labels"] = ref.y[rows]
+        out.append(b)
+    return out
+
+
+def embed_batches(ref, tokens, batching: str):
+    """``ricefm embed``'s batches (sorted by length) or the published tutorials' (cells in file order)."""
+    from ricefm.embed import LENGTH_MULTIPLE
+
+    cells = ref.cells
+    order = (np.argsort(np.minimum(cells.lengths, EMBED_SEQ - 1), kind="stable") if batching == "bucketed"
+             else np.arange(len(cells)))
+    multiple = LENGTH_MULTIPLE if batching == "bucketed" else 1
+    return [cells.batch(order[i:i + EMBED_BATCH], tokens, EMBED_SEQ, "highest", multiple)
+            for i in range(0, len(cells), EMBED_BATCH)]
+
+
+def shapes(batches) -> list[list[int]]:
+    return sorted({tuple(int(v.shape[1]) for k, v in sorted(b.items()) if k.endswith("key_padding_mask"))
+                   for b in batches})
+
+
+def measure(step: Callable, batches, flops: Callable, n: int) -> dict:
+    """Run every distinct shape of the first n batches once (compilation), then time the n batches."""
+    timed = batches[:n]
+    t = time.perf_counter()
+    seen = set()
+    for b in timed:
+        key = tuple(v.shape for k, v in sorted(b.items()) if k.endswith("key_padding_mask"))
+        if key not in seen:
+            seen.add(key)
+            step(b)
+    warm = time.perf_counter() - t
+    times = []
+    for b in timed:
+        t = time.perf_counter()
+        step(b)
+        times.append(time.perf_counter() - t)
+    real = sum(token_counts(b)[0] for b in timed)
+    sec = float(sum(times))
+    return {"batches": len(timed), "seconds": sec, "warmup_seconds": warm, "step_seconds": times,
+            "real_tokens_per_s": real / sec, "cells_per_s": sum(len(b["mod_types"]) for b in timed) / sec,
+            "model_flops_per_s": sum(flops(b) for b in timed) / sec}
+
+
+def epoch_padding(batches) -> float:
+    real, total = np.sum([token_counts(b) for b in batches], axis=0)
+    return float(1 - real / total)
+
+
+# ---------------------------------------------------------------- main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", type=int, default=4, help="timed batches per variant")
+    p.add_argument("--workloads", default="pretrain,finetune,embed")
+    p.add_argument("--output", default=str(REPO / "benchmarks/results/throughput.json"))
+    args = p.parse_args()
+    import jax
+    import torch
+
+    from converters.formats import Checkpoint, write_checkpoint
+    from ricefm.atomic import write_json_atomic
+    from ricefm.batching import TokenSpec
+    from ricefm.evaluate.annotation import annotation_config
+    from ricefm.init import initial_state
+    from ricefm.vocab import GeneVocab
+    from ricefm_configs import ricefm_base
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    workloads = args.workloads.split(",")
+    base = ricefm_base.get_config().model
+    vocab = GeneVocab.default()
+    tokens = TokenSpec(vocab.pad_id, vocab.cls_id)
+    result = {"benchmark": "throughput", "config": "ricefm_base", "precision": "fp32", "max_seq_len": SEQ,
+              "batch_cells": {"pretrain": PRETRAIN_BATCH, "finetune": FINETUNE_BATCH, "embed": EMBED_BATCH},
+              "synthetic_corpus": SYNTHETIC,
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
+                          "jax_backend": jax.default_backend(), "torch": torch.__version__},
+              "flops_formula": __doc__.split("Model FLOPs")[1].split("MFU vs")[0].strip()}
+    t0 = time.perf_counter()
+    result["gemm_flops_per_s"] = gemm_rates()
+    result["dropout_mask_seconds"] = mask_costs()
+    print("GEMM", {k: f"{v / 1e9:.0f} GFLOP/s" for k, v in result["gemm_flops_per_s"].items()}, flush=True)
+    print("masks", result["dropout_mask_seconds"], flush=True)
+    runs: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        synthetic_h5ad(work / "synthetic.h5ad", vocab)
+        ckpt = work / "base_seed"
+        write_checkpoint(Checkpoint(initial_state(base, len(vocab), seed=0), base, vocab, "seed"), ckpt, "seed")
+        cfg = annotation_config()
+        corpora = {"shipped": corpus("shipped", REPO / "ricefm/resources/rice_root_SRP309176_2k.h5ad", work, vocab, cfg),
+                   "synthetic": corpus("synthetic", work / "synthetic.h5ad", work, vocab, cfg)}
+        for cname, (shards, ref) in corpora.items():
+            lengths = ref.cells.lengths
+            result.setdefault("corpora", {})[cname] = {
+                "cells": int(len(lengths)), "median_genes": float(np.median(lengths)),
+                "p90_genes": float(np.percentile(lengths, 90)), "max_genes": int(lengths.max())}
+            if "pretrain" in workloads:
+                for backend, make in (("torch", torch_pretrain_step), ("jax", jax_pretrain_step)):
+                    variants = [("published", "framework", 0.2), ("bucketed", "fast", 0.2), ("bucketed", "fast", 0.0)]
+                    if cname == "shipped":
+                        variants += [("published", "fast", 0.2), ("bucketed", "framework", 0.2)]
+                    cache = {}
+                    for batching, masks, dropout in variants:
+                        if batching not in cache:
+                            cache[batching] = pretrain_batches(shards, tokens, batching,
+                                                               pad_to_max=backend == "jax" and batching == "published")
+                        batches = cache[batching]
+                        name = f"pretrain/{cname}/{backend}/{batching}/{masks}/dropout{dropout}"
+                        r = measure(make(len(vocab), dropout, masks), batches, lambda b: pretrain_flops(b, base),
+                                    args.batches)
+                        r.update(padding=epoch_padding(batches), programs=len(shapes(batches)),
+                                 lengths=[s[0] + s[1] for s in shapes(batches)] if backend == "jax" else None)
+                        runs[name] = r
+                        print(f"{name:52s} {r['real_tokens_per_s']:8.0f} real tok/s  pad {r['padding']:.1%}",
+                              flush=True)
+            if "finetune" in workloads:
+                for backend in ("torch", "jax"):
+                    for batching in ("published", "bucketed"):
+                        masks = "framework" if batching == "published" else "fast"
+                        batches = finetune_batches(ref, tokens, batching)
+                        name = f"finetune/{cname}/{backend}/{batching}/{masks}/dropout0.2"
+                        r = measure(finetune_step(backend, ckpt, len(ref.class_names), masks), batches,
+                                    lambda b: pcpt_flops(b, base, True), args.batches)
+                        r.update(padding=epoch_padding(batches), programs=len(shapes(batches)))
+                        runs[name] = r
+                        print(f"{name:52s} {r['real_tokens_per_s']:8.0f} real tok/s  pad {r['padding']:.1%}",
+                              flush=True)
+            if "embed" in workloads:
+                for backend in ("torch", "jax"):
+                    step = embed_step(backend, ckpt)
+                    for batching in ("published", "bucketed"):
+                        batches = embed_batches(ref, tokens, batching)
+                        # the same cells in both orders: time a spread of batches, not the shortest ones
+                        pick = np.linspace(0, len(batches) - 1, args.batches).round().astype(int)
+                        name = f"embed/{cname}/{backend}/{batching}"
+                        r = measure(step, [batches[i] for i in pick], lambda b: pcpt_flops(b, base, False),
+                                    args.batches)
+                        r.update(padding=epoch_padding(batches), programs=len(shapes(batches)))
+                        runs[name] = r
+                        print(f"{name:52s} {r['real_tokens_per_s']:8.0f} real tok/s  pad {r['padding']:.1%}",
+                              flush=True)
+    gemm = result["gemm_flops_per_s"]
+    best32, best16 = max(gemm["torch_float32"], gemm["jax_float32"]), max(gemm["torch_bfloat16"], gemm["jax_bfloat16"])
+    for r in runs.values():
+        r["mfu_vs_fp32_gemm"] = r["model_flops_per_s"] / best32
+        r["mfu_vs_bf16_gemm"] = r["model_flops_per_s"] / best16
+    result["runs"] = runs
+    result["ratios"] = ratios(runs)
+    result["seconds"] = time.perf_counter() - t0
+    write_json_atomic(args.output, result)
+    print(json.dumps(result["ratios"], indent=2))
+
+
+def ratios(runs: dict) -> dict:
+    """The comparisons the targets are about, each from runs of this one benchmark run."""
+    out = {}
+
+    def rate(name):
+        return runs[name]["real_tokens_per_s"] if name in runs else None
+
+    for corpus_name in ("shipped", "synthetic"):
+        for backend in ("torch", "jax"):
+            pre = f"pretrain/{corpus_name}/{backend}"
+            now, today = rate(f"{pre}/bucketed/fast/dropout0.2"), rate(f"{pre}/published/framework/dropout0.2")
+            off = rate(f"{pre}/bucketed/fast/dropout0.0")
+            if now and today:
+                out[f"{pre}: now / before (real tokens/s)"] = now / today
+            if now and off:
+                out[f"{pre}: dropout 0.2 step time / dropout 0"] = off / now
+        for workload in ("finetune", "embed"):
+            for backend in ("torch", "jax"):
+                pre = f"{workload}/{corpus_name}/{backend}"
+                a = [n for n in runs if n.startswith(pre + "/bucketed")]
+                b = [n for n in runs if n.startswith(pre + "/published")]
+                if a and b:
+                    out[f"{pre}: bucketed / published (real tokens/s)"] = rate(a[0]) / rate(b[0])
+        j, t = rate(f"pretrain/{corpus_name}/jax/bucketed/fast/dropout0.2"), \
+            rate(f"pretrain/{corpus_name}/torch/bucketed/fast/dropout0.2")
+        if j and t:
+            out[f"pretrain/{corpus_name}: jax / torch (real tokens/s)"] = j / t
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Dropout whose random mask is cheap, where ``jax.random.bernoulli`` costs more than the model.
+
+``nnx.Dropout`` draws a threefry-2x32 uniform (20 rounds) per element; on the attention
+probabilities (B x H x L x L per layer and stream) that costs more than the attention matmuls on
+CPU. Here the stream's key is drawn once per call (threefry, 2 words) and each element's bits are
+a counter hash of (row, column) under that key: ``lowbias32`` (a 32-bit integer finaliser with
+near-ideal avalanche), a few integer ops that XLA fuses into the op that uses the mask. An
+element is kept when its 32-bit draw is below ``round(keep_prob * 2**32)``, so the rate is the
+configured one to within 2**-33. Same module, RNG stream and ``nnx.reseed`` behaviour as
+``nnx.Dropout``. Mirrors ``ricefm_npu/dropout.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+
+
+def _lowbias32(x: jax.Array) -> jax.Array:
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def keep_threshold(keep_prob: float) -> int:
+    """The uint32 draw below which an element is kept: P(keep) = threshold / 2**32."""
+    return min(int(round(keep_prob * 2 ** 32)), 2 ** 32 - 1)
+
+
+def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_prob: float) -> jax.Array:
+    """A bool array of ``shape``, True with probability ``keep_prob`` per element, independently."""
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    rows = math.prod(shape[:-1])
+    if rows >= 2 ** 32 or shape[-1] >= 2 ** 32:
+        raise ValueError(f"dropout mask {shape} has more than 2**32 rows or columns")
+    row = jax.lax.broadcasted_iota(jnp.uint32, (rows, 1), 0)
+    col = jax.lax.broadcasted_iota(jnp.uint32, (1, shape[-1]), 1)
+    row_key = _lowbias32(row * jnp.uint32(0x9E3779B9) + seed[0])  # (rows, 1): one hash a row
+    bits = _lowbias32(row_key ^ (col * jnp.uint32(0x85EBCA6B) + seed[1]))
+    return (bits < jnp.uint32(keep_threshold(keep_prob))).reshape(shape)
+
+
+def apply_dropout(x: jax.Array, rate: float, key: jax.Array, scale: bool = True) -> jax.Array:
+    """Inverted dropout of ``x``; with ``scale=False`` the 1/(1-rate) factor is left to the caller."""
+    keep = keep_mask(key, x.shape, 1.0 - rate)
+    return jnp.where(keep, x / (1.0 - rate) if scale else x, jnp.zeros((), x.dtype))
+
+
+class Dropout(nnx.Dropout):
+    """``nnx.Dropout`` (same state, stream and flags) with the mask above unless ``fast`` is off."""
+
+    fast = True
+
+    def __call__(self, inputs, *, deterministic: bool | None = None, rngs=None, scale: bool = True):
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if not self.fast or self.rate == 0.0 or deterministic or self.rate >= 1.0 or self.broadcast_dims:
+            out = super().__call__(inputs, deterministic=deterministic, rngs=rngs)
+            return out if scale or self.rate == 0.0 or deterministic else out * (1.0 - self.rate)
+        stream = self.rngs if rngs is None else rngs
+        key = stream if isinstance(stream, jax.Array) else (
+            stream[self.rng_collection]() if isinstance(stream, nnx.Rngs) else stream())
+        return apply_dropout(inputs, self.rate, key, scale)
+
+    def output_scale(self) -> float:
+        """The factor a ``scale=False`` caller applies to its (smaller) result: 1/(1-rate) when active."""
+        return 1.0 if self.rate == 0.0 or self.deterministic or self.rate >= 1.0 else 1.0 / (1.0 - self.rate)

@@ -1,0 +1,55 @@
+"""Dropout whose random mask is cheap on CPU, where torch's own costs more than the model around it.
+
+``torch.nn.functional.dropout`` on CPU draws one Bernoulli variable per element from mt19937
+(~10 ns each); on the attention probabilities (B x H x L x L per layer and stream) that is more
+than the attention matmuls themselves. Here a mask element is a 16-bit uniform draw compared
+with ``round(keep_prob * 2**16)``, four draws from each 64-bit word of torch's generator, so the
+rate is the configured one to within 2**-17 and the mask costs ~1/7 of torch's. It uses torch's
+generator (``torch.manual_seed`` and saved RNG states keep runs reproducible). CUDA and NPU keep
+torch's fused dropout kernels. Mirrors ``ricefm_jax/dropout.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+DRAW_BITS = 16
+
+
+def keep_threshold(keep_prob: float) -> int:
+    """The signed 16-bit threshold below which a draw keeps its element: P(keep) = (t + 2**15) / 2**16."""
+    return int(round(keep_prob * 2 ** DRAW_BITS)) - 2 ** (DRAW_BITS - 1)
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], keep_prob: float, device: torch.device) -> torch.Tensor:
+    """A bool tensor of ``shape``, True with probability ``keep_prob`` per element, independently."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-2 ** 63, None)  # all 64 bits
+    return words.view(torch.int16)[:n].view(shape) < keep_threshold(keep_prob)
+
+
+def apply_dropout(x: torch.Tensor, p: float, training: bool, scale: bool = True, fast: bool = True) -> torch.Tensor:
+    """``F.dropout(x, p, training)``; with ``scale=False`` the 1/(1-p) factor is left to the caller
+    (attention applies it to probs @ v, which is L/hd times smaller than the probabilities);
+    ``fast=False`` uses ``F.dropout`` everywhere."""
+    if not training or p == 0.0:
+        return x
+    if not fast or x.device.type != "cpu" or p >= 1.0:
+        out = F.dropout(x, p=p, training=True)
+        return out if scale else out * (1.0 - p)
+    kept = torch.where(keep_mask(x.shape, 1.0 - p, x.device), x, 0.0)  # backward keeps only the bool mask
+    return kept.mul_(1.0 / (1.0 - p)) if scale else kept
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` (same module tree and repr) with the CPU mask above unless ``fast`` is off."""
+
+    fast = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_dropout(x, self.p, self.training, fast=self.fast)
