@@ -3,14 +3,16 @@
 ``torch.nn.functional.dropout`` on CPU draws one Bernoulli variable per element from mt19937
 (~10 ns each); on the attention probabilities (B x H x L x L per layer and stream) that is more
 than the attention matmuls themselves. Here a mask element is a 16-bit uniform draw compared
-with ``round(keep_prob * 2**16)``, four draws from each 64-bit word of torch's generator, so the
-rate is the configured one to within 2**-17 and the mask costs ~1/7 of torch's. It uses torch's
-generator (``torch.manual_seed`` and saved RNG states keep runs reproducible). CUDA and NPU keep
+with ``round(keep_prob * 2**16)``, four draws from each random 64-bit word, so the
+rate is the configured one to within 2**-17. The 64-bit words come from NumPy's SFC64 seeded by
+one draw of torch's generator (``torch.manual_seed`` and saved RNG states keep runs reproducible),
+~3x faster than torch's mt19937; the mask costs ~1/4 of ``F.dropout``'s. CUDA and NPU keep
 torch's fused dropout kernels. Mirrors ``ricefm_jax/dropout.py``.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,8 +31,10 @@ def keep_mask(shape: torch.Size | tuple[int, ...], keep_prob: float, device: tor
     n = 1
     for s in shape:
         n *= int(s)
-    words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-2 ** 63, None)  # all 64 bits
-    return words.view(torch.int16)[:n].view(shape) < keep_threshold(keep_prob)
+    seed = int(torch.randint(0, 2 ** 62, (1,)))  # from torch's generator: manual_seed / saved states still rule
+    words = np.random.SFC64(seed).random_raw(-(-n // 4))  # 64 random bits each, ~3x faster than mt19937
+    draws = torch.from_numpy(words.view(np.int16)[:n].reshape(shape)).to(device)
+    return draws < keep_threshold(keep_prob)
 
 
 def apply_dropout(x: torch.Tensor, p: float, training: bool, scale: bool = True, fast: bool = True) -> torch.Tensor:
