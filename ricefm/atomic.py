@@ -29,8 +29,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def json_bytes(obj: Any) -> bytes:
+    """The bytes riceFM writes for a JSON file (one layout everywhere, so copies compare equal)."""
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    write_bytes_atomic(path, json_bytes(obj))
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -69,6 +69,27 @@ def table_problems(folder: Path, table: Mapping[str, Mapping[str, object]], full
     return problems
 
 
+def object_table_problems(read: Callable[[str], bytes | None], present: set[str],
+                          table: Mapping[str, Mapping[str, object]], full: bool,
+                          on_bytes: Callable[[int], object] | None = None,
+                          always_hash: Callable[[str], bool] = lambda r: False) -> list[str]:
+    """``table_problems`` for objects in a store: presence from a listing (``present``), size and
+    digest from reading the objects that are hashed (all when ``full``)."""
+    problems = []
+    for rel, want in table.items():
+        if rel not in present:
+            problems.append(f"{rel} is missing")
+        elif full or always_hash(rel):
+            data = read(rel) or b""
+            if on_bytes is not None:
+                on_bytes(len(data))
+            if len(data) != want["bytes"]:
+                problems.append(f"{rel} has {len(data)} bytes, recorded {want['bytes']}")
+            elif hashlib.sha256(data).hexdigest() != want["sha256"]:
+                problems.append(f"{rel} has changed (SHA-256 differs from the recorded one)")
+    return problems
+
+
 def seal(folder: str | os.PathLike) -> None:
     """Write ``folder/checksums.sha256`` covering every other file in it (atomically)."""
     folder = Path(folder)

@@ -408,7 +408,8 @@ def define_flags() -> dict[str, Any]:
 
     return {
         "config": config_flags.DEFINE_config_file("config", None, "ml-collections config file, e.g. configs/ricefm_base.py"),
-        "data": flags.DEFINE_string("data", None, "dataset directory from `ricefm build-data` (sets config.data.data_dir)"),
+        "data": flags.DEFINE_string("data", None, "dataset from `ricefm build-data`: a folder or s3://, gs:// URL "
+                                                  "(sets config.data.data_dir)"),
         "workdir": flags.DEFINE_string("workdir", None, "output folder for checkpoints, logs, TensorBoard"),
         "device": flags.DEFINE_enum("device", "auto", list(DEVICE_CHOICES),
                                     "auto: npu, then cuda, then cpu (torch); JAX's default platform (jax)"),

@@ -67,15 +67,20 @@ class GeneVocab:
         path = Path(path)
         if not path.is_file():
             raise RiceFMInputError(f"{path}: vocabulary file not found; pass --vocab PATH to a vocab.json")
+        return cls.from_json(path.read_bytes(), str(path))
+
+    @classmethod
+    def from_json(cls, data: bytes, source: str) -> "GeneVocab":
+        """A vocabulary from a vocab.json's bytes (``source`` names it in errors)."""
         try:
-            mapping = json.loads(path.read_text())
+            mapping = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RiceFMInputError(f"{path}: not a JSON vocabulary ({e}); expected {{gene: id}}") from None
+            raise RiceFMInputError(f"{source}: not a JSON vocabulary ({e}); expected {{gene: id}}") from None
         if not isinstance(mapping, dict) or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in mapping.items()
         ):
-            raise RiceFMInputError(f"{path}: a vocabulary must be a JSON object mapping gene id (string) -> integer id")
-        return cls(mapping, source=str(path))
+            raise RiceFMInputError(f"{source}: a vocabulary must be a JSON object mapping gene id (string) -> integer id")
+        return cls(mapping, source=source)
 
     @classmethod
     def default(cls) -> "GeneVocab":

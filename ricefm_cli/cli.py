@@ -36,9 +36,11 @@ def _export_vocab(dataset: str, path: str) -> None:
     """--build-vocab with --vocab PATH also writes the new vocabulary to PATH (never a different one over it)."""
     from pathlib import Path
 
+    from ricefm.storage import Location
     from ricefm.vocab import GeneVocab
 
-    built = GeneVocab.load(Path(dataset) / "vocab.json")
+    loc = Location.parse(dataset)
+    built = GeneVocab.from_json(loc.read("vocab.json") or b"", loc.show("vocab.json"))
     if Path(path).exists():
         if GeneVocab.load(path) != built:
             raise RiceFMInputError(f"{path}: exists with different contents; --build-vocab will not overwrite it, choose another --vocab path")
@@ -215,7 +217,9 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build-data", help="AnnData (.h5ad) files -> TensorStore cell shards")
     b.add_argument("inputs", nargs="+", metavar="INPUT", help=".h5ad files with raw counts")
-    b.add_argument("--output", required=True, help="dataset directory to create")
+    b.add_argument("--output", required=True,
+                   help="dataset to create: a folder, or s3://BUCKET/PREFIX, gs://BUCKET/PREFIX (credentials and "
+                        "endpoint from the AWS_* / Google environment)")
     b.add_argument("--vocab", default=None,
                    help="vocab.json (gene -> id, <pad>/<cls>/<eoc> after the genes); default: shipped rice MSU7 vocabulary. "
                         "With --build-vocab: where to also write the built vocabulary")
@@ -316,7 +320,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check every file of a dataset or checkpoint against its recorded SHA-256 "
                                       "digests (exit 1 when something differs)")
-    v.add_argument("path", help="dataset folder (manifest.json) or checkpoint folder")
+    v.add_argument("path", help="dataset folder or URL (manifest.json), or checkpoint folder")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=_verify)
 

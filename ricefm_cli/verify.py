@@ -1,4 +1,4 @@
-"""``ricefm verify PATH``: check every byte of a dataset or a checkpoint against its recorded digests.
+"""``ricefm verify PATH|URL``: check every byte of a dataset or a checkpoint against its recorded digests.
 
 A dataset (``manifest.json``) is checked file by file against the manifest (size and SHA-256 of
 every shard file, the vocabulary against ``vocab_sha256``); a folder with ``checksums.sha256``
@@ -17,15 +17,19 @@ from tqdm.auto import tqdm
 from ricefm.errors import RiceFMInputError
 from ricefm.integrity import CHECKSUMS, folder_files, read_seal, seal_problems
 from ricefm.shards.manifest import MANIFEST_NAME, load_manifest
+from ricefm.storage import Location, is_remote
 from ricefm.vocab import GeneVocab
 
 
-def _dataset(path: Path, bar: tqdm, count: Callable[[int], None]) -> tuple[str, int, list[str]]:
-    manifest = load_manifest(path)
+def _dataset(loc: Location, bar: tqdm, count: Callable[[int], None]) -> tuple[str, int, list[str]]:
+    manifest = load_manifest(loc)
     bar.reset(total=manifest.total_bytes)
-    problems = manifest.problems(path, full=True, on_bytes=count)
+    problems = manifest.problems(loc, full=True, on_bytes=count)
     try:
-        if GeneVocab.load(path / "vocab.json").sha256() != manifest.vocab_sha256:
+        raw = loc.read("vocab.json")
+        if raw is None:
+            problems.append("vocab.json is missing")
+        elif GeneVocab.from_json(raw, loc.show("vocab.json")).sha256() != manifest.vocab_sha256:
             problems.append("vocab.json differs from the manifest's vocab_sha256")
     except RiceFMInputError as e:
         problems.append(str(e))
@@ -53,6 +57,15 @@ def _unsealed(path: Path) -> tuple[str, int, list[str]]:
 
 def verify(path: str | Path, progress: bool = True) -> dict[str, Any]:
     """Check ``path`` fully; a report with ``problems`` (empty: intact), bytes and MB/s."""
+    if is_remote(path):  # a dataset in an object store
+        loc = Location.parse(path)
+        start = time.perf_counter()
+        with tqdm(total=0, unit="B", unit_scale=True, desc="verify", disable=not progress) as bar:
+            kind, files, problems = _dataset(loc, bar, bar.update)
+            read = bar.n
+        seconds = time.perf_counter() - start
+        return {"path": loc.url, "kind": kind, "files": files, "bytes": int(read), "seconds": seconds,
+                "mb_per_s": read / 1e6 / seconds if seconds > 0 and read else None, "problems": problems}
     path = Path(path)
     if not path.is_dir():
         raise RiceFMInputError(f"{path}: not found, or not a folder; pass a dataset or checkpoint folder")
@@ -66,7 +79,7 @@ def verify(path: str | Path, progress: bool = True) -> dict[str, Any]:
             bar.update(n)
 
         if (path / MANIFEST_NAME).is_file():
-            kind, files, problems = _dataset(path, bar, count)
+            kind, files, problems = _dataset(Location.parse(path), bar, count)
         elif (path / CHECKSUMS).is_file():
             kind, files, problems = _sealed(path, bar, count)
         else:

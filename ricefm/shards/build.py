@@ -12,9 +12,12 @@ partial output: a sample of each file is checked before anything is written
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import signal
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,16 +26,18 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ricefm.atomic import staged_dir
+from ricefm.atomic import json_bytes, staged_dir
 from ricefm.binning import bin_cells
 from ricefm.errors import RiceFMInputError
 from ricefm.gene_maps import load_gene_map
 from ricefm.integrity import file_table
 from ricefm.locks import ExclusiveLock
 from ricefm.shards import store
-from ricefm.shards.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, MODALITY_NAMES, Manifest, load_manifest
+from ricefm.shards.manifest import (BUILDING, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, MODALITY_NAMES, Manifest,
+                                   load_manifest)
 from ricefm.shards.gene_space import VocabMapping, modality_codes, translated_genes
 from ricefm.shards.sources import H5adSource
+from ricefm.storage import Location, is_remote
 from ricefm.vocab import GeneVocab
 
 DEFAULT_CELLS_PER_SHARD = 100_000
@@ -253,6 +258,8 @@ def build_dataset(inputs: Sequence[str | Path], output: str | Path, vocab_path: 
         raise RiceFMInputError(f"--min-gene-fraction {opts.min_gene_fraction}: a fraction between 0 and 1")
     if not inputs:
         raise RiceFMInputError("build-data needs at least one input .h5ad file")
+    if is_remote(output):
+        return _build_to_store(inputs, Location.parse(output), vocab_path, opts, progress)
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise RiceFMInputError(f"--output {output}: is a file; choose a new folder")
@@ -266,14 +273,7 @@ def build_dataset(inputs: Sequence[str | Path], output: str | Path, vocab_path: 
         if output.exists():
             if (output / MANIFEST_NAME).is_file():
                 done = load_manifest(output)
-                if done.vocab_sha256 != fresh.vocab_sha256:
-                    raise RiceFMInputError(
-                        f"{output}: already holds a dataset built with another vocabulary "
-                        f"(sha256 {done.vocab_sha256[:12]} vs {fresh.vocab_sha256[:12]}); choose another --output")
-                diffs = _same_build(done, fresh)
-                if diffs:
-                    raise RiceFMInputError(
-                        f"{output}: already holds a dataset built with different {', '.join(diffs)}; choose another --output")
+                _check_same_build(done, fresh, str(output))
                 return done.data
             if any(output.iterdir()):
                 raise RiceFMInputError(f"{output}: exists and is not a riceFM dataset; choose another --output")
@@ -305,16 +305,11 @@ def build_dataset(inputs: Sequence[str | Path], output: str | Path, vocab_path: 
                     shutil.rmtree(staging, ignore_errors=True)
                     raise
                 manifest.save(staging)
-        shards = manifest.shards
-        manifest.data["n_cells"] = sum(s["n_cells"] for s in shards)
-        manifest.data["n_nonzero"] = sum(s["n_nonzero"] for s in shards)
-        counts = np.sum([s["modality_counts"] for s in shards], axis=0).tolist()
-        manifest.data["modality_counts"] = dict(zip(MODALITY_NAMES, counts))
-        manifest.data["cells_dropped"] = {r: sum(s["cells_dropped"][r] for s in shards) for r in ("no_counts", "no_vocab_genes")}
-        if manifest.data["n_cells"] == 0:
+        try:
+            _finish(manifest, inputs)
+        except RiceFMInputError:
             shutil.rmtree(staging, ignore_errors=True)
-            raise RiceFMInputError(f"{', '.join(map(str, inputs))}: no cell has a non-zero in-vocabulary gene; nothing to build")
-        manifest.data["complete"] = True
+            raise
         manifest.save(staging)
         if output.exists():
             output.rmdir()
@@ -325,6 +320,94 @@ def build_dataset(inputs: Sequence[str | Path], output: str | Path, vocab_path: 
             i.source.close()
         if lock is not None:
             lock.release()
+
+
+def _finish(manifest: Manifest, inputs: Sequence[str | Path]) -> None:
+    """The dataset totals, once every shard is written; a build that kept no cell is an error."""
+    shards = manifest.shards
+    manifest.data["n_cells"] = sum(s["n_cells"] for s in shards)
+    manifest.data["n_nonzero"] = sum(s["n_nonzero"] for s in shards)
+    counts = np.sum([s["modality_counts"] for s in shards], axis=0).tolist()
+    manifest.data["modality_counts"] = dict(zip(MODALITY_NAMES, counts))
+    manifest.data["cells_dropped"] = {r: sum(s["cells_dropped"][r] for s in shards) for r in ("no_counts", "no_vocab_genes")}
+    if manifest.data["n_cells"] == 0:
+        raise RiceFMInputError(f"{', '.join(map(str, inputs))}: no cell has a non-zero in-vocabulary gene; nothing to build")
+    manifest.data["complete"] = True
+
+
+def _check_same_build(done: Manifest, fresh: Manifest, where: str) -> None:
+    if done.vocab_sha256 != fresh.vocab_sha256:
+        raise RiceFMInputError(f"{where}: already holds a dataset built with another vocabulary "
+                               f"(sha256 {done.vocab_sha256[:12]} vs {fresh.vocab_sha256[:12]}); choose another --output")
+    diffs = _same_build(done, fresh)
+    if diffs:
+        raise RiceFMInputError(f"{where}: already holds a dataset built with different {', '.join(diffs)}; "
+                               "choose another --output")
+
+
+def _build_to_store(inputs: Sequence[str | Path], loc: Location, vocab_path, opts: BuildOptions,
+                    progress: bool) -> dict[str, Any]:
+    """Build into an object-store prefix: the same objects, byte for byte, as a local build.
+
+    Object stores have no rename, so completeness is marked by order instead: each shard is
+    written in a local temporary folder, its files uploaded, then its record (files, sizes,
+    digests) is written to ``PREFIX/_building/shard-NNNNN.json``; ``vocab.json`` and, last,
+    ``manifest.json`` follow, and the records are deleted. Readers refuse a prefix without
+    ``manifest.json``. A re-run finds the records of a killed build and writes only the shards
+    without one (a record is trusted only for the same build: inputs, options and vocabulary).
+    """
+    plan, vocab, categories = _plan_inputs(inputs, opts, vocab_path)
+    try:
+        fresh = _new_manifest(plan, vocab, categories, opts)
+        raw = loc.read(MANIFEST_NAME)
+        if raw is not None:
+            done = load_manifest(loc)
+            _check_same_build(done, fresh, loc.url)
+            return done.data
+        keys = loc.keys()  # a missing bucket or refused credentials stop here, before any work
+        ours = {f"{s['name']}/" for s in fresh.shards} | {BUILDING + "/", "vocab.json"}
+        foreign = [k for k in keys if not any(k == o or k.startswith(o) for o in ours)]
+        if foreign:
+            raise RiceFMInputError(f"{loc.url}: holds other objects ({foreign[0]}, ...) and no riceFM dataset; "
+                                   "choose an empty prefix for --output")
+        build_id = hashlib.sha256(json_bytes({k: fresh.data[k] for k in ("vocab_sha256", "build", "obs_columns")}
+                                             | {"sources": [(s["path"], s["n_obs"], s["n_vars"], s["file_bytes"])
+                                                            for s in fresh.data["sources"]]})).hexdigest()
+        manifest = fresh
+        total = int(_global_rows(plan)[-1])
+        records = {}
+        for k, shard in enumerate(manifest.shards):
+            raw = loc.read(f"{BUILDING}/{shard['name']}.json")
+            if raw is not None:
+                record = json.loads(raw)
+                if record.get("build_id") == build_id and record["shard"]["rows"] == shard["rows"]:
+                    records[k] = record["shard"]
+        kill_counter = [0]
+        done_cells = sum(manifest.shards[k]["rows"][1] - manifest.shards[k]["rows"][0] for k in records)
+        with tempfile.TemporaryDirectory(prefix="ricefm-build-") as tmp, \
+                tqdm(total=total, initial=done_cells, unit="cell", desc=f"build-data -> {loc.url}",
+                     disable=not progress) as bar:
+            for k, shard in enumerate(manifest.shards):
+                if k in records:
+                    manifest.shards[k] = records[k]
+                    continue
+                info = _write_shard(k, tuple(shard["rows"]), plan, categories, Path(tmp), opts.block_cells, bar,
+                                    kill_counter)
+                folder = Path(tmp) / info["name"]
+                for rel in info["files"]:
+                    loc.write(f"{info['name']}/{rel}", (folder / rel).read_bytes())
+                loc.write(f"{BUILDING}/{info['name']}.json", json_bytes({"build_id": build_id, "shard": info}))
+                shutil.rmtree(folder)
+                manifest.shards[k] = info
+        _finish(manifest, inputs)
+        loc.write("vocab.json", json_bytes(vocab.as_dict()))
+        loc.write(MANIFEST_NAME, json_bytes(manifest.data))  # last: from here on the dataset exists
+        for key in loc.keys(BUILDING):
+            loc.delete(key)
+        return manifest.data
+    finally:
+        for i in plan:
+            i.source.close()
 
 
 def format_summary(manifest: dict[str, Any], output: str | Path) -> str:

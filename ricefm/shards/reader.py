@@ -18,6 +18,7 @@ from ricefm.errors import RiceFMInputError
 from ricefm.integrity import summarize
 from ricefm.shards import store
 from ricefm.shards.manifest import Manifest, load_manifest
+from ricefm.storage import Location
 from ricefm.vocab import GeneVocab
 
 
@@ -61,12 +62,19 @@ class PendingRead:
 class ShardedCells:
     """The cells of a dataset directory, addressed by a global index 0..n_cells-1."""
 
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        self.manifest: Manifest = load_manifest(self.directory)
-        self.vocab = GeneVocab.load(self.directory / "vocab.json")
+    def __init__(self, directory: str | Path | Location):
+        """``directory``: a folder, or a URL (``s3://bucket/prefix``, ``gs://...``, ``file://...``)."""
+        self.location = directory if isinstance(directory, Location) else Location.parse(directory)
+        # what messages and worker processes are given: the folder, or the URL
+        self.directory: Path | str = self.location.url if self.location.remote else self.location.path
+        self.manifest: Manifest = load_manifest(self.location)
+        raw = self.location.read("vocab.json")
+        if raw is None:
+            raise RiceFMInputError(f"{self.location.show('vocab.json')} is missing; the dataset is damaged: rebuild it")
+        self.vocab = GeneVocab.from_json(raw, self.location.show("vocab.json"))
         if self.vocab.sha256() != self.manifest.vocab_sha256:
-            raise RiceFMInputError(f"{self.directory}/vocab.json does not match the manifest's vocab_sha256; rebuild the dataset")
+            raise RiceFMInputError(f"{self.location.show('vocab.json')} does not match the manifest's vocab_sha256; "
+                                   "rebuild the dataset")
         counts = [s["n_cells"] for s in self.manifest.shards]
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._open: dict[tuple[int, str], object] = {}
@@ -76,7 +84,7 @@ class ShardedCells:
     def problems(self, full: bool, share: tuple[int, int] = (0, 1), on_bytes: Callable[[int], object] | None = None
                  ) -> list[str]:
         """See :meth:`Manifest.problems`."""
-        return self.manifest.problems(self.directory, full, share, on_bytes)
+        return self.manifest.problems(self.location, full, share, on_bytes)
 
     def verify(self, share: tuple[int, int] = (0, 1)) -> None:
         """Check every digest of this process's share of the shards (see :meth:`problems`)."""
@@ -92,7 +100,7 @@ class ShardedCells:
         try:
             return future.result()
         except ValueError as e:
-            where = self.directory / self.manifest.shards[shard]["name"] / name
+            where = self.location.show(f"{self.manifest.shards[shard]['name']}/{name}")
             reason = str(e).split(":")[0]
             raise RiceFMInputError(f"{where}: unreadable chunk ({reason}: {str(e)[len(reason) + 1:].strip()[:160]}); "
                                    f"the dataset is damaged: `ricefm verify {self.directory}`, then rebuild it") from None
@@ -103,9 +111,10 @@ class ShardedCells:
     def _array(self, shard: int, name: str):
         key = (shard, name)
         if key not in self._open:
-            path = self.directory / self.manifest.shards[shard]["name"] / name
+            rel = f"{self.manifest.shards[shard]['name']}/{name}"
+            path = self.location.show(rel)
             try:
-                self._open[key] = store.open_array(path)
+                self._open[key] = store.open_array(self.location.kvstore(rel + "/"))
             except ValueError as e:
                 raise RiceFMInputError(f"{path}: cannot open ({str(e)[:160]}); the dataset is damaged: "
                                        f"`ricefm verify {self.directory}`, then rebuild it") from None

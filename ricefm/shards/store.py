@@ -64,8 +64,11 @@ def create_array(path: Path, dtype, per_nonzero: bool, attributes: dict | None =
     return ts.open(spec, context=_CONTEXT).result()
 
 
-def open_array(path: Path) -> ts.TensorStore:
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}, "open": True,
+def open_array(path: Path | dict[str, Any]) -> ts.TensorStore:
+    """A shard array for reading: ``path`` is a local folder or a TensorStore kvstore spec
+    (``ricefm.storage.Location.kvstore``: a folder, an S3 or a GCS prefix)."""
+    kvstore = path if isinstance(path, dict) else {"driver": "file", "path": str(path)}
+    spec = {"driver": "zarr3", "kvstore": kvstore, "open": True,
             "recheck_cached_data": False, "recheck_cached_metadata": False, "fill_missing_data_reads": False}
     return ts.open(spec, context=_CONTEXT, read=True).result()
 
