@@ -1,6 +1,7 @@
 """Datasets in an S3-compatible bucket: a real S3 server (moto's server mode, on a free local
 port, started from the dev extra), TensorStore's own s3 driver, no mocks of ours."""
 
+import json
 import os
 import signal
 import socket
@@ -152,17 +153,37 @@ def test_bad_locations_are_one_line_naming_the_url_without_secrets(s3, source, t
         ShardedCells(url)
 
 
-def test_torch_trains_from_a_bucket(s3, tmp_path):
-    from ricefm_configs import tiny
-    from ricefm_npu.train import train
-
+@pytest.fixture(scope="module")
+def rice_url(s3):
     url = f"s3://{BUCKET}/corpus/rice"
     build_dataset([REPO / "ricefm/resources/rice_root_SRP309176_2k.h5ad"], url, progress=False)
-    cfg = tiny.get_config()
-    cfg.data.data_dir = url
-    cfg.train.max_steps, cfg.train.checkpoint_every = 3, 3
-    out = train(cfg, tmp_path / "run", device="cpu", progress=False)
-    assert out["steps"] == 3 and np.isfinite(out["history"][-1]["loss_total"])
+    return url
+
+
+def test_two_torch_processes_train_from_a_bucket_and_resume(rice_url, tmp_path):
+    common = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ricefm_npu.train",
+              "--config", str(REPO / "configs/tiny.py"), "--data", rice_url, "--device", "cpu", "--workdir",
+              str(tmp_path / "run"), "--config.train.max_steps=3", "--config.train.checkpoint_every=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([sys.executable, *common, "--config.train.stop_at_step=2"], capture_output=True,
+                           text=True, env=env, cwd=REPO)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = subprocess.run([sys.executable, *common, "--resume"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert second.returncode == 0, second.stderr[-2000:]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert logged == [2, 3] and "x2" in second.stdout
+    assert SECRET not in first.stdout + first.stderr + second.stdout + second.stderr
+
+
+def test_two_jax_devices_train_from_a_bucket(rice_url, tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    r = subprocess.run([sys.executable, "-m", "ricefm_jax.train", "--config", str(REPO / "configs/tiny.py"),
+                        "--data", rice_url, "--workdir", str(tmp_path / "jax"), "--config.train.max_steps=2",
+                        "--config.data.valid_fraction=0",  # no validation program to compile
+                        "--config.train.checkpoint_every=100"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "on 2 cpu device(s)" in r.stdout + r.stderr
+    assert (tmp_path / "jax/best").is_dir() and SECRET not in r.stdout + r.stderr
 
 
 def test_cli_builds_to_and_verifies_a_bucket(s3, source):

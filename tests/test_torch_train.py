@@ -85,19 +85,19 @@ def test_token_budget_plans_every_epoch_pads_little_and_resumes_exactly(tmp_path
     from ricefm.shards import ShardedCells
     from ricefm.training import split_cells
 
-    small = ad.read_h5ad(REPO / "ricefm/resources/rice_root_SRP309176_2k.h5ad")[:160].copy()
+    small = ad.read_h5ad(REPO / "ricefm/resources/rice_root_SRP309176_2k.h5ad")[:100].copy()
     small.write_h5ad(tmp_path / "small.h5ad")
     data_dir = tmp_path / "data"
     build_dataset([tmp_path / "small.h5ad"], data_dir, progress=False)
     common = dict(data__max_seq_len=1200, data__tokens_per_batch=4800, train__epochs=2, train__checkpoint_every=1000,
                   train__log_every=1)
     straight = train(config(data_dir, **common), tmp_path / "straight", device="cpu", progress=False)
-    train_cells, _ = split_cells(160, 0.1, 0)
+    train_cells, _ = split_cells(100, 0.1, 0)
     lengths = ShardedCells(data_dir).lengths()[train_cells]
     per_epoch = [len(token_budget_batches(lengths, 0, e, 4800, 1, 1200, 64)) for e in range(2)]
     assert straight["total_steps"] == straight["steps"] == sum(per_epoch)  # each epoch counted, not one twice
     logged = [json.loads(line) for line in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
-    assert np.mean([r["padding_fraction"] for r in logged]) < 0.10
+    assert np.mean([r["padding_fraction"] for r in logged]) < 0.15  # 90 cells: small windows (2,000: < 0.10)
     stop = per_epoch[0] + 2  # stop inside the second epoch, then resume
     train(config(data_dir, train__stop_at_step=stop, **common), tmp_path / "resumed", device="cpu", progress=False)
     train(config(data_dir, **common), tmp_path / "resumed", device="cpu", resume=True, progress=False)
