@@ -99,9 +99,8 @@ def token_budget_batches(lengths: np.ndarray, seed: int, epoch: int, tokens_per_
 
     A batch whose longest cell pads to L tokens (``bucket_length``) holds ``tokens_per_batch // L``
     cells per device (``devices`` in all ranks), so every batch computes about the same number of
-    token positions and each
-    length has one batch size (one compiled program per length and gen ratio, as without a
-    budget). The (seed, epoch) permutation is cut into windows; a window's cells, with the cells
+    token positions and each length has one batch size (one compiled program per length and gen
+    ratio, as without a budget). The (seed, epoch) permutation is cut into windows; a window's cells, with the cells
     left over from the previous window, are sorted by length and cut into batches from the longest
     end; the few shortest cells that do not fill a batch move on to the next window (those of the
     last window are left out of this epoch); batches are shuffled within their window. A pure
