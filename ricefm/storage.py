@@ -91,13 +91,6 @@ class Location:
     def show(self, rel: str = "") -> str:
         return f"{self.url}/{rel}" if rel else self.url
 
-    def child(self, rel: str) -> "Location":
-        rel = rel.strip("/")
-        if not self.remote:
-            return Location.parse(self.path / rel)
-        prefix = f"{self.prefix}/{rel}" if self.prefix else rel
-        return Location(f"{self.url}/{rel}", self.driver, self.bucket, prefix)
-
     def kvstore(self, rel: str = "") -> dict[str, Any]:
         """The TensorStore kvstore spec of ``rel`` under this root (a folder or prefix when it ends in "/")."""
         folder = "/" if rel.endswith("/") else ""

@@ -56,19 +56,13 @@ def _unsealed(path: Path) -> tuple[str, int, list[str]]:
 
 
 def verify(path: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Check ``path`` fully; a report with ``problems`` (empty: intact), bytes and MB/s."""
-    if is_remote(path):  # a dataset in an object store
-        loc = Location.parse(path)
-        start = time.perf_counter()
-        with tqdm(total=0, unit="B", unit_scale=True, desc="verify", disable=not progress) as bar:
-            kind, files, problems = _dataset(loc, bar, bar.update)
-            read = bar.n
-        seconds = time.perf_counter() - start
-        return {"path": loc.url, "kind": kind, "files": files, "bytes": int(read), "seconds": seconds,
-                "mb_per_s": read / 1e6 / seconds if seconds > 0 and read else None, "problems": problems}
-    path = Path(path)
-    if not path.is_dir():
-        raise RiceFMInputError(f"{path}: not found, or not a folder; pass a dataset or checkpoint folder")
+    """Check ``path`` (a folder, or a dataset's URL) fully; a report with ``problems`` (empty:
+    intact), bytes and MB/s."""
+    remote = is_remote(path)
+    if not remote:
+        path = Path(path)
+        if not path.is_dir():
+            raise RiceFMInputError(f"{path}: not found, or not a folder; pass a dataset or checkpoint folder")
     start = time.perf_counter()
     with tqdm(total=0, unit="B", unit_scale=True, desc="verify", disable=not progress) as bar:
         read = 0
@@ -78,14 +72,15 @@ def verify(path: str | Path, progress: bool = True) -> dict[str, Any]:
             read += n
             bar.update(n)
 
-        if (path / MANIFEST_NAME).is_file():
+        if remote or (path / MANIFEST_NAME).is_file():
             kind, files, problems = _dataset(Location.parse(path), bar, count)
         elif (path / CHECKSUMS).is_file():
             kind, files, problems = _sealed(path, bar, count)
         else:
             kind, files, problems = _unsealed(path)
     seconds = time.perf_counter() - start
-    return {"path": str(path), "kind": kind, "files": files, "bytes": int(read), "seconds": seconds,
+    return {"path": Location.parse(path).url if remote else str(path), "kind": kind, "files": files,
+            "bytes": int(read), "seconds": seconds,
             "mb_per_s": read / 1e6 / seconds if seconds > 0 and read else None, "problems": problems}
 
 
