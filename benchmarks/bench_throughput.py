@@ -13,7 +13,8 @@ synthetic plant-like corpus of 2,000 cells whose gene counts are log-normal with
 sigma 0.5, clipped to [200, 3,000] (deep plant scRNA-seq / spatial profiles).
 Variants: ``published`` batching with the frameworks' own dropout masks (the behaviour before this
 work: torch pads to the longest cell, the JAX trainer pads every batch to max_seq_len) against
-``bucketed`` with ``fast`` masks, and each against dropout 0; the first ``--batches`` batches of
+``bucketed`` with ``fast`` masks, that at dropout 0 too, and (shipped pretraining) each change
+alone (``published`` + ``fast``, ``bucketed`` + ``framework``); the first ``--batches`` batches of
 epoch 0 are timed after every shape was run once (JAX compiles one program per shape; the count
 and lengths an epoch needs are reported). Padding is counted over the whole epoch.
 
