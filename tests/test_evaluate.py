@@ -81,6 +81,7 @@ def small_rice(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow  # ~60 s: the whole `ricefm benchmark` for both backends
 def test_benchmark_writes_all_files_for_both_backends(small_rice, tmp_path, capsys):
     out = tmp_path / "report"
     rc = cli(["benchmark", "--checkpoint", str(small_rice / "ckpt"), "--dataset", str(small_rice / "rice300.h5ad"),

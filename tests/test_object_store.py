@@ -175,6 +175,7 @@ def test_two_torch_processes_train_from_a_bucket_and_resume(rice_url, tmp_path):
     assert SECRET not in first.stdout + first.stderr + second.stdout + second.stderr
 
 
+@pytest.mark.slow  # ~25 s: a fresh interpreter compiling the JAX step
 def test_two_jax_devices_train_from_a_bucket(rice_url, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     r = subprocess.run([sys.executable, "-m", "ricefm_jax.train", "--config", str(REPO / "configs/tiny.py"),
