@@ -14,7 +14,7 @@ sigma 0.5, clipped to [200, 3,000] (deep plant scRNA-seq / spatial profiles).
 Variants: ``published`` batching with the frameworks' own dropout masks (the behaviour before this
 work: torch pads to the longest cell, the JAX trainer pads every batch to max_seq_len) against
 ``bucketed`` with ``fast`` masks, that at dropout 0 too, and (shipped pretraining) each change
-alone (``published`` + ``fast``, ``bucketed`` + ``framework``); the first ``--batches`` batches of
+alone (``published`` + ``fast``, ``bucketed`` + ``framework``); ``--batches`` batches evenly spaced over
 epoch 0 are timed after every shape was run once (JAX compiles one program per shape; the count
 and lengths an epoch needs are reported). Padding is counted over the whole epoch.
 
@@ -281,9 +281,14 @@ def shapes(batches) -> list[list[int]]:
                    for b in batches})
 
 
+def spread(batches, n: int) -> list:
+    """n batches evenly spaced over the epoch: a sample of its shapes, not just the first window's."""
+    return [batches[i] for i in np.linspace(0, len(batches) - 1, min(n, len(batches))).round().astype(int)]
+
+
 def measure(step: Callable, batches, flops: Callable, n: int) -> dict:
-    """Run every distinct shape of the first n batches once (compilation), then time the n batches."""
-    timed = batches[:n]
+    """Run every distinct shape of ``spread(batches, n)`` once (compilation), then time those n batches."""
+    timed = spread(batches, n)
     t = time.perf_counter()
     seen = set()
     for b in timed:
@@ -314,6 +319,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, default=4, help="timed batches per variant")
     p.add_argument("--workloads", default="pretrain,finetune,embed")
+    p.add_argument("--corpora", default="shipped,synthetic")
     p.add_argument("--output", default=str(REPO / "benchmarks/results/throughput.json"))
     args = p.parse_args()
     import jax
@@ -350,8 +356,9 @@ def main() -> None:
         ckpt = work / "base_seed"
         write_checkpoint(Checkpoint(initial_state(base, len(vocab), seed=0), base, vocab, "seed"), ckpt, "seed")
         cfg = annotation_config()
-        corpora = {"shipped": corpus("shipped", REPO / "ricefm/resources/rice_root_SRP309176_2k.h5ad", work, vocab, cfg),
-                   "synthetic": corpus("synthetic", work / "synthetic.h5ad", work, vocab, cfg)}
+        sources = {"shipped": REPO / "ricefm/resources/rice_root_SRP309176_2k.h5ad", "synthetic": work / "synthetic.h5ad"}
+        corpora = {name: corpus(name, sources[name], work, vocab, cfg) for name in args.corpora.split(",")}
+        result["corpora_run"], result["workloads_run"] = args.corpora.split(","), workloads
         for cname, (shards, ref) in corpora.items():
             lengths = ref.cells.lengths
             result.setdefault("corpora", {})[cname] = {
@@ -393,11 +400,8 @@ def main() -> None:
                     step = embed_step(backend, ckpt)
                     for batching in ("published", "bucketed"):
                         batches = embed_batches(ref, tokens, batching)
-                        # the same cells in both orders: time a spread of batches, not the shortest ones
-                        pick = np.linspace(0, len(batches) - 1, args.batches).round().astype(int)
                         name = f"embed/{cname}/{backend}/{batching}"
-                        r = measure(step, [batches[i] for i in pick], lambda b: pcpt_flops(b, base, False),
-                                    args.batches)
+                        r = measure(step, batches, lambda b: pcpt_flops(b, base, False), args.batches)
                         r.update(padding=epoch_padding(batches), programs=len(shapes(batches)))
                         runs[name] = r
                         print(f"{name:52s} {r['real_tokens_per_s']:8.0f} real tok/s  pad {r['padding']:.1%}",

@@ -3,10 +3,13 @@ port, started from the dev extra), TensorStore's own s3 driver, no mocks of ours
 
 import json
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -160,19 +163,113 @@ def rice_url(s3):
     return url
 
 
-def test_two_torch_processes_train_from_a_bucket_and_resume(rice_url, tmp_path):
-    common = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ricefm_npu.train",
-              "--config", str(REPO / "configs/tiny.py"), "--data", rice_url, "--device", "cpu", "--workdir",
-              str(tmp_path / "run"), "--config.train.max_steps=3", "--config.train.checkpoint_every=100"]
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(stat))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@pytest.mark.slow  # ~35 s: two 60-step torchrun runs and a resume
+def test_two_torch_processes_from_a_bucket_killed_with_sigkill_resume_bit_identically(rice_url, tmp_path):
+    """A node lost mid-run: torchrun and its workers get SIGKILL as soon as the first checkpoint is
+    there (during the next steps or the next checkpoint write); ``--resume`` ends where an unbroken
+    run ends, bit for bit."""
+    from safetensors.numpy import load_file
+
+    from ricefm.integrity import CHECKSUMS
+
+    def command(workdir: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "ricefm_npu.train", "--config", str(REPO / "configs/tiny.py"), "--data", rice_url,
+                "--device", "cpu", "--workdir", str(tmp_path / workdir), "--config.train.max_steps=60",
+                "--config.train.checkpoint_every=10", *extra]
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run([sys.executable, *common, "--config.train.stop_at_step=2"], capture_output=True,
-                           text=True, env=env, cwd=REPO)
-    assert first.returncode == 0, first.stderr[-2000:]
-    second = subprocess.run([sys.executable, *common, "--resume"], capture_output=True, text=True, env=env, cwd=REPO)
-    assert second.returncode == 0, second.stderr[-2000:]
-    logged = [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert logged == [2, 3] and "x2" in second.stdout
-    assert SECRET not in first.stdout + first.stderr + second.stdout + second.stderr
+    straight = subprocess.run(command("straight"), capture_output=True, text=True, env=env, cwd=REPO)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    proc = subprocess.Popen(command("killed"), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = tmp_path / "killed/checkpoints/latest" / CHECKSUMS
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    for pid in [proc.pid, *_descendants(proc.pid)]:  # the launcher and both workers (their own sessions)
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    second = subprocess.run(command("killed", "--resume"), capture_output=True, text=True, env=env, cwd=REPO)
+    assert second.returncode == 0, second.stderr[:3000]
+    a = load_file(tmp_path / "straight/checkpoints/latest/model.safetensors")
+    b = load_file(tmp_path / "killed/checkpoints/latest/model.safetensors")
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    resumed_at = int(re.search(r"(\d+)/60 ", second.stderr).group(1))  # the progress bar starts there
+    assert 10 <= resumed_at < 60 and "x2" in second.stdout, second.stderr[-2000:]
+
+    def logged(workdir: str) -> list[int]:
+        return [json.loads(line)["step"] for line in (tmp_path / workdir / "metrics.jsonl").read_text().splitlines()]
+    assert logged("killed") == logged("straight") == [10, 20, 30, 40, 50, 60]
+    assert SECRET not in straight.stdout + straight.stderr + second.stdout + second.stderr
+
+
+def test_wrong_credentials_are_one_line_naming_the_url_without_the_secret(tmp_path):
+    """An S3 server that checks signatures (moto with IAM auth on after the 4 set-up calls): a wrong
+    secret and an unknown key id are each refused in one line that names the URL and what to check."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        admin = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="admin",
+                     aws_secret_access_key="admin")
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="trainer")
+        iam.put_user_policy(UserName="trainer", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="trainer")["AccessKey"]
+        boto3.client("s3", **admin).create_bucket(Bucket="guarded")  # the 4th and last call without auth
+        url = "s3://guarded/corpus"
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": key["AccessKeyId"]}
+        wrong_secret = "wrong-" + key["SecretAccessKey"][:10]
+        cases = [({**env, "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}, r"not a riceFM dataset \(no manifest"),
+                 ({**env, "AWS_SECRET_ACCESS_KEY": wrong_secret}, r"cannot read \(PERMISSION_DENIED: SignatureDoesNotMatch"),
+                 ({**env, "AWS_ACCESS_KEY_ID": "AKIANOSUCHKEY0000000", "AWS_SECRET_ACCESS_KEY": wrong_secret},
+                  r"cannot read \(PERMISSION_DENIED: InvalidAccessKeyId")]
+        for i, (creds, match) in enumerate(cases):
+            code = ("import sys; from ricefm.shards import ShardedCells; from ricefm.errors import RiceFMInputError\n"
+                    "try:\n    ShardedCells(sys.argv[1])\nexcept RiceFMInputError as e:\n    print(e)")
+            r = subprocess.run([sys.executable, "-c", code, url], env={**os.environ, **creds}, capture_output=True,
+                               text=True, cwd=REPO, timeout=120)
+            message = r.stdout.strip()
+            assert r.returncode == 0 and len(message.splitlines()) == 1, (r.stdout, r.stderr[-2000:])
+            assert message.startswith(url) and re.search(match, message), message
+            assert wrong_secret not in message and key["SecretAccessKey"] not in message
+            if i:
+                assert "credentials" in message, message
+    finally:
+        server.kill()
+        server.wait()
 
 
 @pytest.mark.slow  # ~25 s: a fresh interpreter compiling the JAX step
