@@ -158,18 +158,17 @@ class Location:
             found = self._remote_call("list", rel, lambda: store.list(ts.KvStore.KeyRange(start, start[:-1] + "0"))
                                       .result())
         else:
-            found = self._remote_call("list", rel, lambda: store.list().result())
-        return sorted(k.decode() for k in found)
+            start, found = "", self._remote_call("list", rel, lambda: store.list().result())
+        # the range is a hint some servers ignore (gcp-storage-emulator lists the whole bucket)
+        return sorted(k for k in (k.decode() for k in found) if k.startswith(start))
 
     def delete(self, rel: str) -> None:
         """Remove one object (or, locally, one file); absent is fine."""
         if not self.remote:
             (self.path / rel).unlink(missing_ok=True)
             return
-        import tensorstore as ts
-
-        self._remote_call("delete", rel, lambda: self._store().delete_range(ts.KvStore.KeyRange(rel, rel + "\0"))
-                          .result())
+        # one DELETE of this key; a range delete would list first and trust the listing
+        self._remote_call("delete", rel, lambda: self._store().write(rel, None).result())
 
 
 _OPEN: dict = {}
