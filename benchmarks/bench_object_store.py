@@ -7,8 +7,10 @@ A synthetic corpus (gene counts like the shipped rice cells: log-normal, median 
 once locally and once into a bucket of a real S3 server (moto's server mode on a local port).
 The trainers' ``BatchStream`` (base config: 64 cells a batch, 1,200 tokens, bucketed) then reads
 the same batches from local disk, from the S3 server, and from the S3 server behind a proxy that
-holds every request for ``--latency-ms`` (a far object store), each at read-ahead depths 0, 4
-and 16 batches. Cells/s are compared with local disk and with what one training process
+holds every request for ``--latency-ms`` (a far object store): cell by cell (``read_block_cells``
+1, the default) at read-ahead depths 0, 4 and 16 batches, and with ``read_block_cells`` 64 (the
+order shuffles runs of 64 or 256 stored cells; a rank reads 32 steps' cells at once) at depths 0
+and 4. Cells/s are compared with local disk and with what one training process
 consumes (the pretraining rates in ``results/throughput.json``).
 """
 
@@ -33,6 +35,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BUCKET = "ricefm-bench"
+BLOCKS = (1, 64, 256)  # data.read_block_cells: cell by cell (the default), group reads of 64- and 256-cell runs
+VARIANTS = [(1, 0), (1, 4), (1, 16), (64, 0), (64, 4), (256, 0), (256, 4)]  # (read_block_cells, prefetch)
 
 
 def free_port() -> int:
@@ -70,8 +74,12 @@ def latency_proxy(target_port: int, latency_s: float) -> tuple[ThreadingHTTPServ
         def log_message(self, *args) -> None:
             pass
 
+    class Server(ThreadingHTTPServer):
+        def handle_error(self, request, client_address) -> None:
+            pass  # a loader process that exits drops its keep-alive connections mid-read
+
     port = free_port()
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server = Server(("127.0.0.1", port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, port
 
@@ -93,7 +101,7 @@ def corpus_h5ad(path: Path, n_cells: int) -> None:
     ad.AnnData(X, var=pd.DataFrame(index=genes)).write_h5ad(path)
 
 
-def loader_rate(source: str, prefetch: int, batches: int) -> dict:
+def loader_rate(source: str, prefetch: int, batches: int, block: int) -> dict:
     from ricefm.batching import BatchStream, TokenSpec
     from ricefm.shards import ShardedCells
 
@@ -102,7 +110,7 @@ def loader_rate(source: str, prefetch: int, batches: int) -> dict:
     opened = time.perf_counter() - t0
     tokens = TokenSpec(ds.vocab.pad_id, ds.vocab.cls_id)
     stream = BatchStream(ds, tokens, 64, 1200, (0.25, 0.5, 0.75), seed=0, prefetch=prefetch, batching="bucketed",
-                         n_epochs=1)
+                         n_epochs=1, read_block_cells=block)
     t = time.perf_counter()
     cells = 0
     for i, b in enumerate(stream):
@@ -117,7 +125,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cells", type=int, default=20000)
     p.add_argument("--latency-ms", type=float, default=20.0)
-    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--batches", type=int, default=96, help="timed batches per run (3 read groups of 32)")
     p.add_argument("--output", default=str(REPO / "benchmarks/results/object_store.json"))
     args = p.parse_args()
     import boto3
@@ -148,12 +156,12 @@ def main() -> None:
         for name, src in sources.items():
             endpoint = f"http://127.0.0.1:{proxy_port if '+' in name else port}"
             os.environ["AWS_ENDPOINT_URL"] = endpoint
-            for prefetch in (0, 4, 16):
+            for block, prefetch in VARIANTS:
                 # each in a fresh process: TensorStore's chunk cache must not serve one run's reads to the next
                 with mp.get_context("spawn").Pool(1) as pool:
-                    r = pool.apply(loader_rate, (src, prefetch, args.batches))
-                runs[f"{name}/prefetch{prefetch}"] = r
-                print(f"{name:12s} prefetch {prefetch:2d}: {r['cells_per_s']:8.0f} cells/s "
+                    r = pool.apply(loader_rate, (src, prefetch, args.batches, block))
+                runs[f"{name}/block{block}/prefetch{prefetch}"] = r
+                print(f"{name:12s} read_block_cells {block:2d} prefetch {prefetch:2d}: {r['cells_per_s']:8.0f} cells/s "
                       f"(open {r['open_seconds']:.2f} s)", flush=True)
     proxy.shutdown()
     server.stop()
@@ -164,11 +172,16 @@ def main() -> None:
         for backend in ("torch", "jax"):
             run = t["runs"][f"pretrain/shipped/{backend}/bucketed/fast/dropout0.2"]
             consumption[backend] = run["cells_per_s"]
-    best = {name: max(runs[f"{name}/prefetch{d}"]["cells_per_s"] for d in (0, 4, 16)) for name in sources}
-    ratios = {f"{name} / local": best[name] / best["local"] for name in sources if name != "local"}
+    best = {f"{name}/block{b}": max(runs[f"{name}/block{b}/prefetch{d}"]["cells_per_s"] for bb, d in VARIANTS if bb == b)
+            for name in sources for b in BLOCKS}
+    ratios = {}
     for name in sources:
-        for backend, rate in consumption.items():
-            ratios[f"{name} / {backend} training consumption"] = best[name] / rate
+        for b in BLOCKS:
+            if name != "local":
+                ratios[f"{name} block{b} / local block1"] = best[f"{name}/block{b}"] / best["local/block1"]
+                ratios[f"{name} block{b} / local block{b}"] = best[f"{name}/block{b}"] / best[f"local/block{b}"]
+            for backend, rate in consumption.items():
+                ratios[f"{name} block{b} / {backend} training consumption"] = best[f"{name}/block{b}"] / rate
     result = {"benchmark": "object_store_loader", "cells": args.cells, "batch": 64, "max_seq_len": 1200,
               "latency_ms": args.latency_ms, "build_seconds": {"local": local_build, "s3": s3_build},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},

@@ -47,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
     # 0: micro-batches of batch_size cells; > 0 (bucketed only): token positions per device per micro-batch instead,
     # tokens_per_batch // L cells at bucket length L (short cells in big batches, long ones in small); >= max_seq_len
     c.data.tokens_per_batch = 0
+    # 1: the epoch order shuffles single cells (published). > 1: it shuffles runs of this many stored cells and a
+    # rank reads the cells of 32 steps at once, a few large requests instead of one or two per cell: for datasets
+    # in object storage (e.g. 64; batches still mix 32 x batch_size / 64 runs from all over the data)
+    c.data.read_block_cells = 1
     c.data.prefetch = 4  # batches read ahead
     c.data.num_workers = 0  # loader processes (0 = a background thread)
 

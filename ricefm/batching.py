@@ -37,9 +37,19 @@ class TokenSpec:
     pad_value: float = -2.0
 
 
-def epoch_order(n_cells: int, seed: int, epoch: int) -> np.ndarray:
-    """A permutation of all cells that depends only on (seed, epoch)."""
-    return np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x0E70C])).permutation(n_cells)
+def epoch_order(n_cells: int, seed: int, epoch: int, block: int = 1) -> np.ndarray:
+    """A permutation of all cells that depends only on (seed, epoch).
+
+    ``block > 1`` (``data.read_block_cells``) permutes runs of ``block`` consecutive cells instead,
+    each run kept in stored order: the cells a rank reads together then lie in a few places of a
+    shard, which an object store serves in a few large requests instead of one or two per cell.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x0E70C]))
+    if block <= 1:
+        return rng.permutation(n_cells)
+    runs = rng.permutation(-(-n_cells // block))
+    order = (runs[:, None] * block + np.arange(block)).ravel()
+    return order[order < n_cells]
 
 
 def rank_cells(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
@@ -59,11 +69,12 @@ def steps_per_epoch(n_cells: int, batch_size: int, world_size: int = 1, drop_las
 
 BATCHING = ("bucketed", "published")
 WINDOW_BATCHES = 32  # global batches per shuffle window of the bucketed order
+READ_GROUP_STEPS = 32  # with read_block_cells > 1 a rank reads the cells of this many steps at once
 LENGTH_STEP = 64  # bucketed batch lengths are multiples of this (or max_seq_len): data.length_step
 
 
 def bucketed_order(lengths: np.ndarray, seed: int, epoch: int, global_batch: int,
-                   window_batches: int = WINDOW_BATCHES) -> np.ndarray:
+                   window_batches: int = WINDOW_BATCHES, block: int = 1) -> np.ndarray:
     """The epoch order regrouped so that each global batch holds cells of similar length.
 
     The (seed, epoch) permutation is cut into windows of ``window_batches`` global batches; within
@@ -71,8 +82,9 @@ def bucketed_order(lengths: np.ndarray, seed: int, epoch: int, global_batch: int
     whose order inside the window is shuffled by (seed, epoch, window). So every cell is still
     used once per epoch, batches still mix cells from all over the data, and the whole order is a
     pure function of (lengths, seed, epoch, global batch). A partial last batch stays last.
+    ``block``: see :func:`epoch_order` (a window of 32 global batches of 64 then holds 32 runs).
     """
-    order = epoch_order(len(lengths), seed, epoch)
+    order = epoch_order(len(lengths), seed, epoch, block)
     width = global_batch * window_batches
     out = []
     for w, start in enumerate(range(0, len(order), width)):
@@ -94,7 +106,7 @@ def bucket_length(length: int, max_seq_len: int, step: int = LENGTH_STEP) -> int
 
 def token_budget_batches(lengths: np.ndarray, seed: int, epoch: int, tokens_per_batch: int, devices: int,
                          max_seq_len: int, length_step: int = LENGTH_STEP,
-                         window_batches: int = WINDOW_BATCHES) -> list[np.ndarray]:
+                         window_batches: int = WINDOW_BATCHES, block: int = 1) -> list[np.ndarray]:
     """The global micro-batches of one epoch under a token budget (``data.tokens_per_batch``).
 
     A batch whose longest cell pads to L tokens (``bucket_length``) holds ``tokens_per_batch // L``
@@ -104,7 +116,8 @@ def token_budget_batches(lengths: np.ndarray, seed: int, epoch: int, tokens_per_
     left over from the previous window, are sorted by length and cut into batches from the longest
     end; the few shortest cells that do not fill a batch move on to the next window (those of the
     last window are left out of this epoch); batches are shuffled within their window. A pure
-    function of its arguments; rank r of W takes cells r, r + W, ... of each batch.
+    function of its arguments; rank r of W takes cells r, r + W, ... of each batch. ``block``:
+    see :func:`epoch_order`.
     """
     if tokens_per_batch < max_seq_len:
         raise ValueError(f"tokens_per_batch {tokens_per_batch} is below max_seq_len {max_seq_len}: a full-length "
@@ -114,7 +127,7 @@ def token_budget_batches(lengths: np.ndarray, seed: int, epoch: int, tokens_per_
     def cells_per_batch(length: int) -> int:
         return devices * (tokens_per_batch // bucket_length(length, max_seq_len, length_step))
 
-    order = epoch_order(len(tokens), seed, epoch)
+    order = epoch_order(len(tokens), seed, epoch, block)
     width = window_batches * cells_per_batch(max_seq_len)
     batches, carry = [], np.zeros(0, np.int64)
     for w, start in enumerate(range(0, len(order), width)):
@@ -299,7 +312,7 @@ class BatchStream:
                  start_epoch: int = 0, start_step: int = 0, n_epochs: int | None = None, prefetch: int = 4,
                  cells: np.ndarray | None = None, num_workers: int = 0, pad_to_max: bool = False,
                  batching: str = "published", length_step: int = LENGTH_STEP, accum: int = 1,
-                 tokens_per_batch: int = 0, devices_per_rank: int = 1):
+                 tokens_per_batch: int = 0, devices_per_rank: int = 1, read_block_cells: int = 1):
         if batching not in BATCHING:
             raise ValueError(f"batching {batching!r} is not one of {BATCHING}")
         if tokens_per_batch and batching != "bucketed":
@@ -309,6 +322,11 @@ class BatchStream:
         self.tokens_per_batch, self.devices_per_rank = int(tokens_per_batch), int(devices_per_rank)
         self.dataset, self.tokens, self.batching, self.length_step = dataset, tokens, batching, int(length_step)
         self.accum = int(accum)  # micro-batches per optimizer step: bucketed groups the cells of a whole step
+        # > 1: the order permutes runs of this many stored cells, and the cells of READ_GROUP_STEPS steps
+        # are read at once (few large requests on object stores); 1: one read per batch, cell by cell
+        self.read_block_cells = max(1, int(read_block_cells))
+        self.group_reads = self.read_block_cells > 1  # loader processes read per batch (each sees some steps only)
+        self._groups: collections.OrderedDict = collections.OrderedDict()
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.gen_ratios = tuple(float(r) for r in gen_ratios)
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -341,20 +359,38 @@ class BatchStream:
             if self.tokens_per_batch:
                 self._budget = [b[self.rank::self.world_size] for b in token_budget_batches(
                     self._lengths, self.seed, epoch, self.tokens_per_batch, self.world_size * self.devices_per_rank,
-                    self.max_seq_len, self.length_step)]
+                    self.max_seq_len, self.length_step, block=self.read_block_cells)]
                 order = np.zeros(0, np.int64)
             elif self.batching == "bucketed":
-                order = bucketed_order(self._lengths, self.seed, epoch, self.batch_size * self.world_size * self.accum)
+                order = bucketed_order(self._lengths, self.seed, epoch, self.batch_size * self.world_size * self.accum,
+                                       block=self.read_block_cells)
             else:
-                order = epoch_order(len(self.cells), self.seed, epoch)
+                order = epoch_order(len(self.cells), self.seed, epoch, self.read_block_cells)
             self._order = rank_cells(order, self.rank, self.world_size)
             self._order_epoch = epoch
         return self._order
 
-    def _read(self, epoch: int, step: int) -> PendingRead:
+    def step_positions(self, epoch: int, step: int) -> np.ndarray:
+        """This rank's cells at (epoch, step), as positions into ``cells``."""
         order = self._rank_order(epoch)
-        pos = self._budget[step] if self.tokens_per_batch else order[step * self.batch_size:(step + 1) * self.batch_size]
-        return self.dataset.read_async(self.cells[pos])
+        return self._budget[step] if self.tokens_per_batch else order[step * self.batch_size:(step + 1) * self.batch_size]
+
+    def _read(self, epoch: int, step: int, ahead: bool = True) -> PendingRead | RowsOf:
+        if not self.group_reads:
+            return self.dataset.read_async(self.cells[self.step_positions(epoch, step)])
+        group = step // READ_GROUP_STEPS
+        if (epoch, group) not in self._groups:
+            first = group * READ_GROUP_STEPS
+            parts = [self.step_positions(epoch, s)
+                     for s in range(first, min(first + READ_GROUP_STEPS, self.steps_in_epoch(epoch)))]
+            bounds = np.cumsum([0] + [len(p) for p in parts])
+            self._groups[epoch, group] = (first, bounds, self.dataset.read_async(self.cells[np.concatenate(parts)]))
+            while len(self._groups) > 3:  # batches already handed out keep their group's read alive
+                self._groups.popitem(last=False)
+            if ahead and first + READ_GROUP_STEPS < self.steps_in_epoch(epoch):  # the next group is in flight
+                self._read(epoch, first + READ_GROUP_STEPS, ahead=False)
+        first, bounds, pending = self._groups[epoch, group]
+        return RowsOf(pending, int(bounds[step - first]), int(bounds[step - first + 1]))
 
     def _collate(self, epoch: int, step: int, cells: CellBatch) -> dict[str, np.ndarray]:
         ratio = self.gen_ratios[_rng(self.seed, epoch, step).integers(len(self.gen_ratios))]
@@ -444,7 +480,7 @@ class BatchStream:
         ctx = mp.get_context("spawn")
         spec = (str(self.dataset.directory), self.tokens, self.batch_size, self.max_seq_len, self.gen_ratios,
                 self.seed, self.rank, self.world_size, self.cells, self.pad_to_max, self.batching, self.length_step,
-                self.accum, self.tokens_per_batch, self.devices_per_rank)
+                self.accum, self.tokens_per_batch, self.devices_per_rank, self.read_block_cells)
         with ctx.Pool(self.num_workers, initializer=_worker_init, initargs=spec) as pool:
             pending: collections.deque = collections.deque()
             positions = self._positions()
@@ -457,16 +493,31 @@ class BatchStream:
                 yield pending.popleft().get()
 
 
+@dataclass
+class RowsOf:
+    """Rows ``start:stop`` of a read in flight (one step of a group read)."""
+
+    read: PendingRead
+    start: int
+    stop: int
+
+    def result(self) -> CellBatch:
+        return self.read.result().rows(self.start, self.stop)
+
+
 _WORKER_STREAM: BatchStream | None = None
 
 
 def _worker_init(directory, tokens, batch_size, max_seq_len, gen_ratios, seed, rank, world_size, cells,
-                 pad_to_max, batching, length_step, accum, tokens_per_batch, devices_per_rank) -> None:
+                 pad_to_max, batching, length_step, accum, tokens_per_batch, devices_per_rank,
+                 read_block_cells) -> None:
     global _WORKER_STREAM
     _WORKER_STREAM = BatchStream(ShardedCells(directory), tokens, batch_size, max_seq_len, gen_ratios, seed,
                                  rank=rank, world_size=world_size, prefetch=0, cells=cells, pad_to_max=pad_to_max,
                                  batching=batching, length_step=length_step, accum=accum,
-                                 tokens_per_batch=tokens_per_batch, devices_per_rank=devices_per_rank)
+                                 tokens_per_batch=tokens_per_batch, devices_per_rank=devices_per_rank,
+                                 read_block_cells=read_block_cells)
+    _WORKER_STREAM.group_reads = False
 
 
 def _worker_batch(epoch: int, step: int) -> dict[str, np.ndarray]:

@@ -80,7 +80,8 @@ def check_settings(cfg: ml_collections.ConfigDict) -> None:
     checks = [("data.batch_size", cfg.data.batch_size, 1), ("data.eval_batch_size", cfg.data.eval_batch_size, 1),
               ("optim.grad_accum_steps", cfg.optim.grad_accum_steps, 1), ("train.log_every", cfg.train.log_every, 1),
               ("train.checkpoint_every", cfg.train.checkpoint_every, 1), ("train.max_steps", cfg.train.max_steps, 0),
-              ("train.stop_at_step", cfg.train.stop_at_step, 0), ("data.length_step", cfg.data.length_step, 1)]
+              ("train.stop_at_step", cfg.train.stop_at_step, 0), ("data.length_step", cfg.data.length_step, 1),
+              ("data.read_block_cells", cfg.data.get("read_block_cells", 1), 1)]
     if not cfg.train.max_steps:  # the epochs count the steps only when max_steps does not
         checks.append(("train.epochs", cfg.train.epochs, 1))
     for name, value, least in checks:
@@ -176,7 +177,8 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str | Path, rank: int, world_s
         lengths = data.cells.lengths()[data.train_cells]
         devices = world_size * (batch_per_process // int(cfg.data.batch_size))
         micro = [len(token_budget_batches(lengths, int(cfg.data.seed), e, budget, devices, int(cfg.data.max_seq_len),
-                                          int(cfg.data.length_step))) for e in range(epochs)]
+                                          int(cfg.data.length_step), block=int(cfg.data.get("read_block_cells", 1))))
+                 for e in range(epochs)]
         unit = f"batches of {budget} tokens a device"
     else:
         micro = [steps_per_epoch(len(data.train_cells), batch_per_process, world_size)] * epochs
@@ -377,7 +379,8 @@ def run(p: Plan, steps: Steps, resume: bool, make_writer: Callable[[str], Any], 
                          prefetch=cfg.data.prefetch, cells=p.data.train_cells, num_workers=cfg.data.num_workers,
                          pad_to_max=pad_to_max, batching=cfg.data.batching, length_step=cfg.data.length_step,
                          accum=accum, tokens_per_batch=int(cfg.data.get("tokens_per_batch", 0)),
-                         devices_per_rank=p.batch_per_process // int(cfg.data.batch_size))
+                         devices_per_rank=p.batch_per_process // int(cfg.data.batch_size),
+                         read_block_cells=int(cfg.data.get("read_block_cells", 1)))
     batches = iter(stream)
     bar = tqdm(total=p.total_steps, initial=step, unit="step", desc=name, disable=not (progress and p.main))
     try:

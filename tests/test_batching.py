@@ -338,3 +338,53 @@ def test_token_budget_stream_pads_little_and_two_ranks_are_one_process(demo_data
         np.testing.assert_array_equal(a["gen_gene_ids"], one.batch(0, s)["gen_gene_ids"])
     with pytest.raises(ValueError, match="needs batching='bucketed'"):
         BatchStream(demo_dataset, tok, 8, 1200, (0.5,), seed=5, tokens_per_batch=9600)
+
+
+def test_block_order_permutes_runs_of_stored_cells_and_block_one_is_the_cell_order():
+    np.testing.assert_array_equal(epoch_order(1003, 3, 2, block=1), epoch_order(1003, 3, 2))
+    order = epoch_order(1003, 3, 2, block=64)
+    assert sorted(order.tolist()) == list(range(1003))  # every cell once
+    where = np.argsort(order)  # the position of each cell in the order
+    for start in range(0, 1003, 64):  # each block of 64 stored cells sits in the order as one run, in stored order
+        assert np.all(np.diff(where[start:start + 64]) == 1)
+    assert len(np.flatnonzero(np.diff(order) != 1)) >= 10  # and the 16 runs are shuffled
+    np.testing.assert_array_equal(order, epoch_order(1003, 3, 2, block=64))  # pure function of (seed, epoch)
+    assert not np.array_equal(order, epoch_order(1003, 3, 3, block=64))
+
+
+@pytest.mark.parametrize("kw", [dict(batching="bucketed"), dict(batching="published"),
+                                dict(batching="bucketed", tokens_per_batch=2400)])
+def test_group_reads_give_the_batches_of_direct_reads_and_few_reads(demo_dataset, kw):
+    """With read_block_cells the rank reads 32 steps' cells at once; each batch is still exactly the
+    collation of its own cells, the stream resumes exactly, and reads drop to one per group."""
+    calls = []
+    real = demo_dataset.read_async
+
+    def counting(indices, *a, **k):
+        calls.append(len(indices))
+        return real(indices, *a, **k)
+
+    demo_dataset.read_async = counting
+    try:
+        stream = _stream(demo_dataset, n_epochs=1, read_block_cells=64, **kw)
+        steps = stream.steps_in_epoch(0)
+        got = list(stream)
+        assert len(calls) == -(-steps // 32) and sum(calls) == sum(len(b["cell_index"]) for b in got)
+        direct = _stream(demo_dataset, n_epochs=1, read_block_cells=64, prefetch=0, **kw)
+        direct.group_reads = False  # one read per batch: the reference
+        resumed = list(_stream(demo_dataset, n_epochs=1, read_block_cells=64, start_step=steps - 20, **kw))
+    finally:
+        demo_dataset.read_async = real
+    for s, b in enumerate(got):
+        ref = direct.batch(0, s)
+        for k in ref:
+            np.testing.assert_array_equal(b[k], ref[k])
+    for a, b in zip(got[-20:], resumed):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    cells = np.concatenate([b["cell_index"] for b in got])
+    assert len(np.unique(cells)) == len(cells)
+    # the cells read together lie in runs of stored cells: 32 steps x 32 cells = 1,024 cells in ~16 runs of 64
+    first_group = np.sort(np.concatenate([b["cell_index"] for b in got[:32]]))
+    runs = 1 + int(np.sum(np.diff(first_group) != 1))
+    assert runs <= len(first_group) // 64 + 2, runs

@@ -194,7 +194,8 @@ def test_two_torch_processes_from_a_bucket_killed_with_sigkill_resume_bit_identi
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "ricefm_npu.train", "--config", str(REPO / "configs/tiny.py"), "--data", rice_url,
                 "--device", "cpu", "--workdir", str(tmp_path / workdir), "--config.train.max_steps=60",
-                "--config.train.checkpoint_every=10", *extra]
+                "--config.train.checkpoint_every=10",
+                "--config.data.read_block_cells=16", *extra]  # group reads: 32 steps' cells at once
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = subprocess.run(command("straight"), capture_output=True, text=True, env=env, cwd=REPO)

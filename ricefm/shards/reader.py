@@ -39,6 +39,12 @@ class CellBatch:
         s = int(self.starts[i])
         return self.arrays[name][s:s + int(self.lengths[i])]
 
+    def rows(self, start: int, stop: int) -> "CellBatch":
+        """Cells ``start:stop`` (views of the flat arrays: their non-zeros are contiguous)."""
+        lo, hi = int(self.lengths[:start].sum()), int(self.lengths[:stop].sum())
+        return CellBatch(self.indices[start:stop], self.lengths[start:stop], self.modality[start:stop],
+                         {k: v[lo:hi] for k, v in self.arrays.items()})
+
 
 @dataclass
 class PendingRead:
@@ -50,13 +56,17 @@ class PendingRead:
     futures: dict[str, list]
     shards: list[int]
     reader: "ShardedCells"
+    done: CellBatch | None = None  # assembled once, however many steps share the read
 
     def result(self) -> CellBatch:
+        if self.done is not None:
+            return self.done
         arrays = {}
         for name, futs in self.futures.items():
             parts = [self.reader._result(k, name, f) for k, f in zip(self.shards, futs)]
             arrays[name] = np.concatenate(parts) if parts else np.zeros(0, store.NONZERO_ARRAYS[name])
-        return CellBatch(indices=self.indices, lengths=self.lengths, modality=self.modality, arrays=arrays)
+        self.done = CellBatch(indices=self.indices, lengths=self.lengths, modality=self.modality, arrays=arrays)
+        return self.done
 
 
 class ShardedCells:
@@ -155,11 +165,13 @@ class ShardedCells:
             starts[sel] = offsets[loc]
             lengths[sel] = offsets[loc + 1] - starts[sel]
             modality[sel] = shard_modality[loc]
-        futures = {a: [] for a in arrays}
+        futures = {a: [None] * len(indices) for a in arrays}
+        stored = np.lexsort((starts, shard)).tolist()  # issued in stored order: neighbours share requests
         with ts.Batch() as batch:
             for a in arrays:
-                for k, s, n in zip(shard.tolist(), starts.tolist(), lengths.tolist()):
-                    futures[a].append(self._array(k, a)[s:s + n].read(batch=batch))
+                for j in stored:
+                    s = int(starts[j])
+                    futures[a][j] = self._array(int(shard[j]), a)[s:s + int(lengths[j])].read(batch=batch)
         return PendingRead(indices, lengths, modality, futures, shard.tolist(), self)
 
     def obs_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
