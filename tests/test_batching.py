@@ -149,9 +149,10 @@ def test_stream_batches_hold_stored_bins(demo_dataset):
     assert b["pcpt_gene_ids"].shape[1] + b["gen_gene_ids"].shape[1] == 200
 
 
-def test_worker_processes_give_the_identical_stream(demo_dataset):
-    a = list(_stream(demo_dataset, n_epochs=1, start_step=50))
-    b = list(_stream(demo_dataset, n_epochs=1, start_step=50, num_workers=2))
+@pytest.mark.parametrize("block", [1, 64])
+def test_worker_processes_give_the_identical_stream(demo_dataset, block):
+    a = list(_stream(demo_dataset, n_epochs=1, start_step=50, read_block_cells=block))
+    b = list(_stream(demo_dataset, n_epochs=1, start_step=50, num_workers=2, read_block_cells=block))
     assert len(a) == len(b) == 12
     for x, y in zip(a, b):
         for k in x:
