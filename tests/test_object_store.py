@@ -29,13 +29,30 @@ SECRET = "not-a-real-secret-7f3a"
 OPTS = dict(cells_per_shard=600, block_cells=200, keep_obs=("kind",))
 
 
-@pytest.fixture(scope="module")
-def s3():
-    """An S3 server on a free port; the standard AWS_* environment points at it."""
+def _free_port() -> int:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
+    return port
+
+
+def _wait_for(port: int, seconds: float = 60) -> None:
+    """Until a server (started as a subprocess) accepts connections on ``port``."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"no server on port {port} after {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 server on a free port; the standard AWS_* environment points at it."""
+    port = _free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "ricefm", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1",
@@ -226,22 +243,13 @@ def test_two_torch_processes_from_a_bucket_killed_with_sigkill_resume_bit_identi
 def test_wrong_credentials_are_one_line_naming_the_url_without_the_secret(tmp_path):
     """An S3 server that checks signatures (moto with IAM auth on after the 4 set-up calls): a wrong
     secret and an unknown key id are each refused in one line that names the URL and what to check."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        _wait_for(port)
         admin = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="admin",
                      aws_secret_access_key="admin")
         iam = boto3.client("iam", **admin)
@@ -331,21 +339,12 @@ def test_gcs_build_verify_and_damage_against_an_emulator(source, tmp_path):
     ignores Range headers, so the sharded cell reads (ranged GETs) are covered by the S3 tests only."""
     pytest.importorskip("gcp_storage_emulator")
     src, vocab, local = source
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
                                "--port", str(port), "--in-memory", "--default-bucket", "ricefm-gcs", "--quiet"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        _wait_for(port)
         url = "gs://ricefm-gcs/corpus/rice"
         opts = {**OPTS, "keep_obs": list(OPTS["keep_obs"])}
         env = {**os.environ, "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{port}"}
