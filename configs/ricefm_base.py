@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.tokens_per_batch = 0
     # 1: the epoch order shuffles single cells (published). > 1: it shuffles runs of this many stored cells and a
     # rank reads the cells of 32 steps at once, a few large requests instead of one or two per cell: for datasets
-    # in object storage (e.g. 64; batches still mix 32 x batch_size / 64 runs from all over the data)
+    # in object storage (e.g. 256; a batch then draws from 32 x global batch / 256 runs, 8 at batch 64)
     c.data.read_block_cells = 1
     c.data.prefetch = 4  # batches read ahead
     c.data.num_workers = 0  # loader processes (0 = a background thread)

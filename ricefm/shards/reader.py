@@ -165,13 +165,11 @@ class ShardedCells:
             starts[sel] = offsets[loc]
             lengths[sel] = offsets[loc + 1] - starts[sel]
             modality[sel] = shard_modality[loc]
-        futures = {a: [None] * len(indices) for a in arrays}
-        stored = np.lexsort((starts, shard)).tolist()  # issued in stored order: neighbours share requests
+        futures = {a: [] for a in arrays}
         with ts.Batch() as batch:
             for a in arrays:
-                for j in stored:
-                    s = int(starts[j])
-                    futures[a][j] = self._array(int(shard[j]), a)[s:s + int(lengths[j])].read(batch=batch)
+                for k, s, n in zip(shard.tolist(), starts.tolist(), lengths.tolist()):
+                    futures[a].append(self._array(k, a)[s:s + n].read(batch=batch))
         return PendingRead(indices, lengths, modality, futures, shard.tolist(), self)
 
     def obs_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
