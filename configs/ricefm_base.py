@@ -75,4 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.init_checkpoint = ""  # start from these weights (any checkpoint format); "" = ricefm.init
     c.train.log_every = 100  # steps per metrics.jsonl line / TensorBoard point
     c.train.checkpoint_every = 3000  # save_interval; validation and best/ export run at every checkpoint
+    # JAX: compiled step programs are kept here and reused by --resume and later runs ("auto": WORKDIR/xla_cache;
+    # "": none); several runs may share one directory. The torch trainer has nothing to compile.
+    c.train.compilation_cache = "auto"
     return c

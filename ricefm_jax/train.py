@@ -211,13 +211,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, device: str = "au
 
         return SummaryWriter(logdir)
 
+    cache = str(cfg.train.get("compilation_cache", "auto"))
     try:
-        steps = JaxSteps(p, mesh_devices)
-        try:
-            return training.run(p, steps, resume, make_writer, pad_to_max=True, progress=progress,
-                                name="ricefm_jax.train")
-        finally:
-            steps.close()
+        with devices.compilation_cache(p.workdir / "xla_cache" if cache == "auto" else cache or None):
+            steps = JaxSteps(p, mesh_devices)
+            try:
+                return training.run(p, steps, resume, make_writer, pad_to_max=True, progress=progress,
+                                    name="ricefm_jax.train")
+            finally:
+                steps.close()
     finally:
         p.release()
 

@@ -35,8 +35,8 @@ def keep_mask(shape: torch.Size | tuple[int, ...], keep_prob: float, device: tor
         n *= int(s)
     seed = int(torch.randint(0, 2 ** 62, (1,)))  # from torch's generator: manual_seed / saved states still rule
     words = np.random.SFC64(seed).random_raw(-(-n // 4))  # 64 random bits each, ~3x faster than mt19937
-    draws = torch.from_numpy(words.view(np.int16)[:n].reshape(shape)).to(device)
-    return draws < keep_threshold(keep_prob)
+    keep = np.less(words.view(np.int16)[:n], keep_threshold(keep_prob))  # numpy's compare: 1/3 of torch's here
+    return torch.from_numpy(keep.reshape(shape)).to(device)
 
 
 def apply_dropout(x: torch.Tensor, p: float, training: bool, scale: bool = True, fast: bool = True) -> torch.Tensor:
@@ -48,9 +48,24 @@ def apply_dropout(x: torch.Tensor, p: float, training: bool, scale: bool = True,
     if not fast or x.device.type != "cpu" or p >= 1.0:
         out = F.dropout(x, p=p, training=True)
         return out if scale else out * (1.0 - p)
-    # x * bool mask: backward keeps only the mask, and a step runs ~3% faster than with torch.where
-    kept = x * keep_mask(x.shape, 1.0 - p, x.device)
+    kept = KeepWhere.apply(x, keep_mask(x.shape, 1.0 - p, x.device))
     return kept.mul_(1.0 / (1.0 - p)) if scale else kept
+
+
+class KeepWhere(torch.autograd.Function):
+    """``x`` where ``keep`` is True, else 0, and the same on the gradient: one ``where`` pass each way
+    and only the bool mask saved. Autograd's ``x * keep`` converts the mask to float in both passes
+    (twice this cost); its ``where`` also builds the gradient of the zero branch."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        return torch.where(keep, x, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0.0), None
 
 
 class Dropout(nn.Dropout):

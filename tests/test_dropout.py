@@ -84,6 +84,19 @@ def test_torch_dropout_module_scales_and_follows_the_generator():
     assert_rate(float((drop(x) == 0).float().mean()), 0.3, y.numel())
 
 
+
+def test_torch_dropout_gradient_reaches_only_kept_elements():
+    x = torch.randn(64, 257, requires_grad=True)
+    g = torch.randn(64, 257)
+    torch.manual_seed(3)
+    y = torch_dropout.apply_dropout(x, 0.4, True)
+    y.backward(g)
+    torch.manual_seed(3)
+    keep = torch_dropout.keep_mask(x.shape, 0.6, x.device)
+    assert_rate(1 - float(keep.float().mean()), 0.4, keep.numel())
+    torch.testing.assert_close(y, torch.where(keep, x.detach(), 0.0) * (1 / 0.6), rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, torch.where(keep, g, 0.0) * (1 / 0.6), rtol=0, atol=0)
+
 def _probs(rng, b=2, h=4, lq=37, lk=41, hd=16):
     q, k, v = (rng.standard_normal((b, lq if i == 0 else lk, h, hd)).astype(np.float32) for i in range(3))
     masked = np.zeros((b, 1, 1, lk), bool)
