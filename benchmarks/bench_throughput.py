@@ -16,7 +16,10 @@ work: torch pads to the longest cell, the JAX trainer pads every batch to max_se
 ``bucketed`` with ``fast`` masks, that at dropout 0 too, and (shipped pretraining) each change
 alone (``published`` + ``fast``, ``bucketed`` + ``framework``); ``--batches`` batches evenly spaced over
 epoch 0 are timed after every shape was run once (JAX compiles one program per shape; the count
-and lengths an epoch needs are reported). Padding is counted over the whole epoch.
+and lengths an epoch needs are reported, and the seconds a new shape costs). The variants of a
+workload are timed interleaved (batch i of each, then batch i + 1), so a slow spell of the
+machine falls on all of them alike. Padding is counted over the whole epoch; the program count
+and padding of other ``data.length_step`` values are reported beside it.
 
 Model FLOPs count real tokens only (padding is waste): per layer and stream of n tokens attending
 to m keys, 2n(3d^2 + d^2 [pcpt only: out_proj] + 2 d d_hid) + 4 n m d (QK^T and PV); pcpt: m = n_p;
@@ -44,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SEQ, PRETRAIN_BATCH, FINETUNE_BATCH, EMBED_BATCH, EMBED_SEQ = 1200, 8, 8, 8, 3001
+LENGTH_STEPS = (32, 64, 128, 256)  # data.length_step values whose program count and padding are reported
 SYNTHETIC = {"cells": 2000, "median_genes": 1500, "sigma": 0.5, "min_genes": 200, "max_genes": 3000, "genes": 8000}
 
 
@@ -237,13 +241,13 @@ def embed_step(backend: str, checkpoint: Path) -> Callable:
 
 
 # ---------------------------------------------------------------- batches
-def pretrain_batches(shards: Path, tokens, batching: str, pad_to_max: bool):
+def pretrain_batches(shards: Path, tokens, batching: str, pad_to_max: bool, length_step: int = 64):
     """Every batch of epoch 0 as the trainer builds it."""
     from ricefm.batching import BatchStream
     from ricefm.shards import ShardedCells
 
     stream = BatchStream(ShardedCells(shards), tokens, PRETRAIN_BATCH, SEQ, (0.25, 0.5, 0.75), seed=0, prefetch=0,
-                         pad_to_max=pad_to_max, batching=batching, n_epochs=1)
+                         pad_to_max=pad_to_max, batching=batching, n_epochs=1, length_step=length_step)
     return [stream.batch(0, s) for s in range(stream.steps_in_epoch(0))]
 
 
@@ -286,27 +290,42 @@ def spread(batches, n: int) -> list:
     return [batches[i] for i in np.linspace(0, len(batches) - 1, min(n, len(batches))).round().astype(int)]
 
 
-def measure(step: Callable, batches, flops: Callable, n: int) -> dict:
-    """Run every distinct shape of ``spread(batches, n)`` once (compilation), then time those n batches."""
-    timed = spread(batches, n)
-    t = time.perf_counter()
-    seen = set()
-    for b in timed:
-        key = tuple(v.shape for k, v in sorted(b.items()) if k.endswith("key_padding_mask"))
-        if key not in seen:
-            seen.add(key)
-            step(b)
-    warm = time.perf_counter() - t
-    times = []
-    for b in timed:
-        t = time.perf_counter()
-        step(b)
-        times.append(time.perf_counter() - t)
-    real = sum(token_counts(b)[0] for b in timed)
-    sec = float(sum(times))
-    return {"batches": len(timed), "seconds": sec, "warmup_seconds": warm, "step_seconds": times,
-            "real_tokens_per_s": real / sec, "cells_per_s": sum(len(b["mod_types"]) for b in timed) / sec,
-            "model_flops_per_s": sum(flops(b) for b in timed) / sec}
+def shape_key(batch) -> tuple:
+    return tuple(v.shape for k, v in sorted(batch.items()) if k.endswith("key_padding_mask"))
+
+
+def measure_together(variants: dict[str, tuple[Callable, list]], flops: Callable, n: int) -> dict[str, dict]:
+    """Time ``spread(batches, n)`` of every variant, interleaved: batch i of each variant in turn, then
+    batch i + 1. First each variant runs each of its distinct shapes once (JAX compiles a program
+    per shape). A slow spell of this shared machine then falls on all variants alike, so their
+    ratios hold better than their absolute rates."""
+    timed = {name: spread(batches, n) for name, (_, batches) in variants.items()}
+    out: dict[str, dict] = {}
+    for name, (step, _) in variants.items():
+        t, seen = time.perf_counter(), set()
+        for b in timed[name]:
+            if shape_key(b) not in seen:
+                seen.add(shape_key(b))
+                step(b)
+        out[name] = {"warmup_seconds": time.perf_counter() - t, "warmup_shapes": len(seen), "step_seconds": []}
+    for i in range(max(len(b) for b in timed.values())):
+        for name, (step, _) in variants.items():
+            if i < len(timed[name]):
+                t = time.perf_counter()
+                step(timed[name][i])
+                out[name]["step_seconds"].append(time.perf_counter() - t)
+    for name, r in out.items():
+        b, sec = timed[name], float(sum(r["step_seconds"]))
+        r.update(batches=len(b), seconds=sec, real_tokens_per_s=sum(token_counts(x)[0] for x in b) / sec,
+                 cells_per_s=sum(len(x["mod_types"]) for x in b) / sec, model_flops_per_s=sum(map(flops, b)) / sec,
+                 seconds_per_new_shape=r["warmup_seconds"] / r["warmup_shapes"])
+    return out
+
+
+def report(runs: dict, measured: dict, meta: dict) -> None:
+    for name, r in measured.items():
+        runs[name] = {**r, **meta[name]}
+        print(f"{name:52s} {r['real_tokens_per_s']:8.0f} real tok/s  pad {meta[name]['padding']:.1%}", flush=True)
 
 
 def epoch_padding(batches) -> float:
@@ -365,47 +384,44 @@ def main() -> None:
                 "cells": int(len(lengths)), "median_genes": float(np.median(lengths)),
                 "p90_genes": float(np.percentile(lengths, 90)), "max_genes": int(lengths.max())}
             if "pretrain" in workloads:
+                cache = {(b, pad): pretrain_batches(shards, tokens, b, pad) for b, pad in
+                         (("published", False), ("published", True), ("bucketed", False))}
+                variants, meta = {}, {}
                 for backend, make in (("torch", torch_pretrain_step), ("jax", jax_pretrain_step)):
-                    variants = [("published", "framework", 0.2), ("bucketed", "fast", 0.2), ("bucketed", "fast", 0.0)]
+                    kinds = [("published", "framework", 0.2), ("bucketed", "fast", 0.2), ("bucketed", "fast", 0.0)]
                     if cname == "shipped":
-                        variants += [("published", "fast", 0.2), ("bucketed", "framework", 0.2)]
-                    cache = {}
-                    for batching, masks, dropout in variants:
-                        if batching not in cache:
-                            cache[batching] = pretrain_batches(shards, tokens, batching,
-                                                               pad_to_max=backend == "jax" and batching == "published")
-                        batches = cache[batching]
+                        kinds += [("published", "fast", 0.2), ("bucketed", "framework", 0.2)]
+                    for batching, masks, dropout in kinds:
+                        batches = cache[batching, backend == "jax" and batching == "published"]
                         name = f"pretrain/{cname}/{backend}/{batching}/{masks}/dropout{dropout}"
-                        r = measure(make(len(vocab), dropout, masks), batches, lambda b: pretrain_flops(b, base),
-                                    args.batches)
-                        r.update(padding=epoch_padding(batches), programs=len(shapes(batches)),
-                                 lengths=[s[0] + s[1] for s in shapes(batches)] if backend == "jax" else None)
-                        runs[name] = r
-                        print(f"{name:52s} {r['real_tokens_per_s']:8.0f} real tok/s  pad {r['padding']:.1%}",
-                              flush=True)
+                        variants[name] = (make(len(vocab), dropout, masks), batches)
+                        meta[name] = dict(padding=epoch_padding(batches), programs=len(shapes(batches)),
+                                          lengths=[a + b for a, b in shapes(batches)] if backend == "jax" else None)
+                report(runs, measure_together(variants, lambda b: pretrain_flops(b, base), args.batches), meta)
+                result.setdefault("length_steps", {})[cname] = {
+                    str(step): {"programs": len(shapes(b)), "padding": epoch_padding(b)}
+                    for step in LENGTH_STEPS for b in [pretrain_batches(shards, tokens, "bucketed", False, step)]}
+                print("length_step -> programs, padding:", result["length_steps"][cname], flush=True)
             if "finetune" in workloads:
+                variants, meta = {}, {}
                 for backend in ("torch", "jax"):
                     for batching in ("published", "bucketed"):
                         masks = "framework" if batching == "published" else "fast"
                         batches = finetune_batches(ref, tokens, batching)
                         name = f"finetune/{cname}/{backend}/{batching}/{masks}/dropout0.2"
-                        r = measure(finetune_step(backend, ckpt, len(ref.class_names), masks), batches,
-                                    lambda b: pcpt_flops(b, base, True), args.batches)
-                        r.update(padding=epoch_padding(batches), programs=len(shapes(batches)))
-                        runs[name] = r
-                        print(f"{name:52s} {r['real_tokens_per_s']:8.0f} real tok/s  pad {r['padding']:.1%}",
-                              flush=True)
+                        variants[name] = (finetune_step(backend, ckpt, len(ref.class_names), masks), batches)
+                        meta[name] = dict(padding=epoch_padding(batches), programs=len(shapes(batches)))
+                report(runs, measure_together(variants, lambda b: pcpt_flops(b, base, True), args.batches), meta)
             if "embed" in workloads:
+                variants, meta = {}, {}
                 for backend in ("torch", "jax"):
                     step = embed_step(backend, ckpt)
                     for batching in ("published", "bucketed"):
                         batches = embed_batches(ref, tokens, batching)
                         name = f"embed/{cname}/{backend}/{batching}"
-                        r = measure(step, batches, lambda b: pcpt_flops(b, base, False), args.batches)
-                        r.update(padding=epoch_padding(batches), programs=len(shapes(batches)))
-                        runs[name] = r
-                        print(f"{name:52s} {r['real_tokens_per_s']:8.0f} real tok/s  pad {r['padding']:.1%}",
-                              flush=True)
+                        variants[name] = (step, batches)
+                        meta[name] = dict(padding=epoch_padding(batches), programs=len(shapes(batches)))
+                report(runs, measure_together(variants, lambda b: pcpt_flops(b, base, False), args.batches), meta)
     gemm = result["gemm_flops_per_s"]
     best32, best16 = max(gemm["torch_float32"], gemm["jax_float32"]), max(gemm["torch_bfloat16"], gemm["jax_bfloat16"])
     for r in runs.values():

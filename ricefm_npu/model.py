@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ricefm.dropout import MASKS
-from ricefm_npu.attention import get_attention
+from ricefm_npu.attention import get_attention, masked_scores
 from ricefm_npu.dropout import Dropout, apply_dropout
 
 
@@ -99,9 +99,8 @@ class GenerativeSelfAttention(nn.Module):
 
     def _gen_attention_math(self, q_g, k_g, v_g, k_p, v_p, pcpt_masked, gen_pad, p):
         """Exact gen attention without the (Lg x Lg) block that is all masked but its diagonal."""
+        to_pcpt = masked_scores(q_g, k_p, pcpt_masked)
         scale = 1.0 / math.sqrt(self.head_dim)
-        to_pcpt = torch.matmul(q_g, k_p.transpose(-1, -2)) * scale
-        to_pcpt = to_pcpt.masked_fill(pcpt_masked, float("-inf"))
         to_self = ((q_g * k_g).sum(-1, keepdim=True) * scale).masked_fill(gen_pad[:, None, :, None], float("-inf"))
         probs = torch.softmax(torch.cat([to_pcpt, to_self], dim=-1), dim=-1)
         if p > 0:  # the 1/(1-p) factor goes on the (B, H, Lg, hd) result, not on the probabilities
