@@ -83,6 +83,18 @@ class Dropout(nnx.Dropout):
             stream[self.rng_collection] if isinstance(stream, nnx.Rngs) else stream)
         return apply_dropout(inputs, self.rate, key, scale)
 
+    def keep_mask(self, shape: tuple[int, ...]) -> jax.Array | None:
+        """The mask a call on an array of ``shape`` would apply (drawing the same key), or None when
+        inactive; for callers that drop parts of one array without building it."""
+        if self.rate == 0.0 or self.deterministic or self.rate >= 1.0:
+            return None
+        if self.broadcast_dims:
+            raise ValueError("keep_mask draws one element at a time; this Dropout has broadcast_dims")
+        key = next_key(self.rngs[self.rng_collection] if isinstance(self.rngs, nnx.Rngs) else self.rngs)
+        if self.fast:
+            return keep_mask(key, shape, 1.0 - self.rate)
+        return jax.random.bernoulli(key, 1.0 - self.rate, shape)  # nnx.Dropout's own mask
+
     def output_scale(self) -> float:
         """The factor a ``scale=False`` caller applies to its (smaller) result: 1/(1-rate) when active."""
         return 1.0 if self.rate == 0.0 or self.deterministic or self.rate >= 1.0 else 1.0 / (1.0 - self.rate)

@@ -107,10 +107,16 @@ class GenerativeSelfAttention(nnx.Module):
         to_pcpt = jnp.where(pcpt_masked, -jnp.inf, to_pcpt)
         to_self = jnp.einsum("bqhd,bqhd->bhq", q_g, k_g)[..., None] * scale
         to_self = jnp.where(gen_pad[:, None, :, None], -jnp.inf, to_self)
-        probs = jax.nn.softmax(jnp.concatenate([to_pcpt, to_self], axis=-1), axis=-1)
-        probs = self.attn_dropout(probs, scale=False)  # its 1/(1-p) goes on the (B, Lg, H, hd) result
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs[..., :-1], v_p)
-        return (out + jnp.swapaxes(probs[..., -1:], 1, 2) * v_g) * self.attn_dropout.output_scale()
+        # softmax over [to_pcpt ; to_self] without materialising the concatenation
+        top = jax.lax.stop_gradient(jnp.maximum(to_pcpt.max(-1, keepdims=True), to_self))
+        e_pcpt, e_self = jnp.exp(to_pcpt - top), jnp.exp(to_self - top)
+        total = e_pcpt.sum(-1, keepdims=True) + e_self
+        p_pcpt, p_self = e_pcpt / total, e_self / total
+        keep = self.attn_dropout.keep_mask(p_pcpt.shape[:-1] + (p_pcpt.shape[-1] + 1,))  # columns [pcpt ; self]
+        if keep is not None:
+            p_pcpt, p_self = jnp.where(keep[..., :-1], p_pcpt, 0.0), jnp.where(keep[..., -1:], p_self, 0.0)
+        out = jnp.einsum("bhqk,bkhd->bqhd", p_pcpt, v_p)
+        return (out + jnp.swapaxes(p_self, 1, 2) * v_g) * self.attn_dropout.output_scale()
 
 
 class GenerativeLayer(nnx.Module):

@@ -117,6 +117,33 @@ def test_jax_attention_defers_the_dropout_scale_exactly():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+
+def test_jax_gen_attention_drops_one_mask_over_pcpt_keys_and_self():
+    from ricefm_jax.model import GenerativeSelfAttention
+
+    rng = np.random.default_rng(2)
+    attn = GenerativeSelfAttention(32, 4, 0.3, "math", jnp.float32, nnx.Rngs(0, dropout=3))
+    pcpt, gen = (jnp.asarray(rng.standard_normal((2, n, 32)), jnp.float32) for n in (9, 5))
+    pcpt_pad = np.zeros((2, 9), bool)
+    pcpt_pad[1, 7:] = True
+    gen_pad = np.zeros((2, 5), bool)
+    gen_pad[0, 4:] = True
+    nnx.reseed(attn, dropout=11)
+    _, got = attn(pcpt, pcpt_pad, gen, gen_pad)
+    nnx.reseed(attn, dropout=11)
+    attn.attn_dropout.keep_mask((2, 4, 9, 9))  # the pcpt stream's draw comes first
+    keep = np.asarray(attn.attn_dropout.keep_mask((2, 4, 5, 10)))
+    assert 0.5 < keep.mean() < 0.9
+    _, k_p, v_p = (np.asarray(a) for a in attn._qkv(pcpt))
+    q_g, k_g, v_g = (np.asarray(a) for a in attn._qkv(gen))
+    scores = np.concatenate([np.einsum("bqhd,bkhd->bhqk", q_g, k_p),
+                             np.einsum("bqhd,bqhd->bhq", q_g, k_g)[..., None]], -1) / np.sqrt(8)
+    scores[np.broadcast_to(np.concatenate([pcpt_pad[:, None, None, :].repeat(5, 2),
+                                           gen_pad[:, None, :, None]], -1), scores.shape)] = -np.inf
+    probs = np.where(keep, np.asarray(jax.nn.softmax(scores, axis=-1)) / 0.7, 0.0)
+    want = np.einsum("bhqk,bkhd->bqhd", probs[..., :-1], v_p) + np.swapaxes(probs[..., -1:], 1, 2) * v_g
+    np.testing.assert_allclose(np.asarray(got), want.reshape(2, 5, 32), rtol=1e-5, atol=1e-6)
+
 def test_torch_attention_defers_the_dropout_scale_exactly():
     q, k, v, masked = (torch.from_numpy(np.ascontiguousarray(np.swapaxes(a, 1, 2))) if a.ndim == 4 and a.shape[2] != 1
                        else torch.from_numpy(a) for a in _probs(np.random.default_rng(1)))
