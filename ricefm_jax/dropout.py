@@ -2,8 +2,8 @@
 
 ``nnx.Dropout`` draws a threefry-2x32 uniform (20 rounds) per element; on the attention
 probabilities (B x H x L x L per layer and stream) that costs more than the attention matmuls on
-CPU. Here the stream's key is drawn once per call (threefry, 2 words) and each element's bits are
-a counter hash of (row, column) under that key: ``lowbias32`` (a 32-bit integer finaliser with
+CPU. Here the stream gives one key per call (its fold_in, as for ``nnx.Dropout``), whose two words
+seed a counter hash of each element's (row, column): ``lowbias32`` (a 32-bit integer finaliser with
 near-ideal avalanche), a few integer ops that XLA fuses into the op that uses the mask. An
 element is kept when its 32-bit draw is below ``round(keep_prob * 2**32)``, so the rate is the
 configured one to within 2**-33. Same module, RNG stream and ``nnx.reseed`` behaviour as
