@@ -97,7 +97,7 @@ def test_resume_is_identical(data_dir, init_checkpoint, tmp_path):
         f.write(json.dumps({"step": 4, "loss_total": 1.0}) + "\n")
     import jax
     assert any((tmp_path / "b" / "xla_cache").glob("jit_train_step-*"))  # the step programs were kept
-    events = []
+    events, before = [], jax.config.jax_compilation_cache_dir
     listener = lambda event, **kwargs: events.append(event)  # noqa: E731
     jax.monitoring.register_event_listener(listener)
     try:
@@ -108,7 +108,7 @@ def test_resume_is_identical(data_dir, init_checkpoint, tmp_path):
     # --resume loaded its programs (train step, validation) instead of compiling them
     assert events.count("/jax/compilation_cache/cache_hits") >= 2
     assert events.count("/jax/compilation_cache/cache_misses") == 0
-    assert jax.config.jax_compilation_cache_dir is None  # the process's setting is back after the run
+    assert jax.config.jax_compilation_cache_dir == before  # the process's setting is back after the run
     assert [h["step"] for h in resumed["history"]] == [4, 5, 6]
     logged = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4, 5, 6]  # each step once after the resume
