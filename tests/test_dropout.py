@@ -118,11 +118,13 @@ def test_jax_attention_defers_the_dropout_scale_exactly():
 
 
 
-def test_jax_gen_attention_drops_one_mask_over_pcpt_keys_and_self():
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "framework"])
+def test_jax_gen_attention_drops_one_mask_over_pcpt_keys_and_self(fast):
     from ricefm_jax.model import GenerativeSelfAttention
 
     rng = np.random.default_rng(2)
     attn = GenerativeSelfAttention(32, 4, 0.3, "math", jnp.float32, nnx.Rngs(0, dropout=3))
+    attn.attn_dropout.fast = fast  # framework: nnx.Dropout's bernoulli masks, drawn the same way
     pcpt, gen = (jnp.asarray(rng.standard_normal((2, n, 32)), jnp.float32) for n in (9, 5))
     pcpt_pad = np.zeros((2, 9), bool)
     pcpt_pad[1, 7:] = True
