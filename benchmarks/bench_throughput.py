@@ -304,8 +304,8 @@ def measure_together(variants: dict[str, tuple[Callable, list]], flops: Callable
     for name, (step, _) in variants.items():
         t, seen = time.perf_counter(), set()
         for b in timed[name]:
-            if shape_key(b) not in seen:
-                seen.add(shape_key(b))
+            if (key := shape_key(b)) not in seen:
+                seen.add(key)
                 step(b)
         out[name] = {"warmup_seconds": time.perf_counter() - t, "warmup_shapes": len(seen), "step_seconds": []}
     for i in range(max(len(b) for b in timed.values())):

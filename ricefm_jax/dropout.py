@@ -78,10 +78,14 @@ class Dropout(nnx.Dropout):
         if not self.fast or self.rate == 0.0 or deterministic or self.rate >= 1.0 or self.broadcast_dims:
             out = super().__call__(inputs, deterministic=deterministic, rngs=rngs)
             return out if scale or self.rate == 0.0 or deterministic else out * (1.0 - self.rate)
+        return apply_dropout(inputs, self.rate, self._key(rngs), scale)
+
+    def _key(self, rngs=None) -> jax.Array:
+        """The key for one call: ``rngs`` (a key, stream or Rngs) if given, else this module's stream."""
         stream = self.rngs if rngs is None else rngs
-        key = stream if isinstance(stream, jax.Array) else next_key(
-            stream[self.rng_collection] if isinstance(stream, nnx.Rngs) else stream)
-        return apply_dropout(inputs, self.rate, key, scale)
+        if isinstance(stream, jax.Array):
+            return stream
+        return next_key(stream[self.rng_collection] if isinstance(stream, nnx.Rngs) else stream)
 
     def keep_mask(self, shape: tuple[int, ...]) -> jax.Array | None:
         """The mask a call on an array of ``shape`` would apply (drawing the same key), or None when
@@ -90,7 +94,7 @@ class Dropout(nnx.Dropout):
             return None
         if self.broadcast_dims:
             raise ValueError("keep_mask draws one element at a time; this Dropout has broadcast_dims")
-        key = next_key(self.rngs[self.rng_collection] if isinstance(self.rngs, nnx.Rngs) else self.rngs)
+        key = self._key()
         if self.fast:
             return keep_mask(key, shape, 1.0 - self.rate)
         return jax.random.bernoulli(key, 1.0 - self.rate, shape)  # nnx.Dropout's own mask
