@@ -7,8 +7,8 @@ with ``round(keep_prob * 2**16)``, four draws from each random 64-bit word, so t
 rate is the configured one to within 2**-17. The 64-bit words come from NumPy's SFC64 seeded by
 one draw of torch's generator (``torch.manual_seed`` and saved RNG states keep runs reproducible),
 ~3x faster than torch's mt19937; the mask costs ~1/4 of ``F.dropout``'s. In the throughput
-benchmark (base config, 2 cores) a training step at dropout 0.2 takes 1.18x the dropout-free one
-on the shipped cells and 1.36x on longer (median 1,500 genes) synthetic cells. CUDA and NPU keep
+benchmark (base config, 2 cores) a training step at dropout 0.2 takes 1.19x the dropout-free one
+on the shipped cells and 1.29x on longer (median 1,500 genes) synthetic cells. CUDA and NPU keep
 torch's fused dropout kernels. Mirrors ``ricefm_jax/dropout.py``.
 """
 
