@@ -19,8 +19,9 @@ epoch 0 are timed after every shape was run once (JAX compiles one program per s
 and lengths an epoch needs are reported, and the seconds a new shape costs). The variants of a
 workload are timed interleaved (batch i of each, in an order that rotates, then batch i + 1), so a
 slow spell of the machine falls on all of them alike; each batch runs twice in a row and the
-faster run counts, so no variant pays for the memory state the previous one left. Padding is counted over the whole epoch; the program count
-and padding of other ``data.length_step`` values are reported beside it.
+faster run counts, so no variant pays for the memory state the previous one left. Padding is
+counted over the whole epoch; the program count and padding of other ``data.length_step`` values
+are reported beside it.
 
 Model FLOPs count real tokens only (padding is waste): per layer and stream of n tokens attending
 to m keys, 2n(3d^2 + d^2 [pcpt only: out_proj] + 2 d d_hid) + 4 n m d (QK^T and PV); pcpt: m = n_p;
