@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ricefm.dropout import MASKS
-from ricefm_npu.attention import get_attention, masked_scores
-from ricefm_npu.dropout import Dropout, apply_dropout
+from ricefm_npu.attention import attend, get_attention
+from ricefm_npu.dropout import Dropout
 
 
 class GeneEncoder(nn.Module):
@@ -99,14 +99,9 @@ class GenerativeSelfAttention(nn.Module):
 
     def _gen_attention_math(self, q_g, k_g, v_g, k_p, v_p, pcpt_masked, gen_pad, p):
         """Exact gen attention without the (Lg x Lg) block that is all masked but its diagonal."""
-        to_pcpt = masked_scores(q_g, k_p, pcpt_masked)
         scale = 1.0 / math.sqrt(self.head_dim)
         to_self = ((q_g * k_g).sum(-1, keepdim=True) * scale).masked_fill(gen_pad[:, None, :, None], float("-inf"))
-        probs = torch.softmax(torch.cat([to_pcpt, to_self], dim=-1), dim=-1)
-        if p > 0:  # the 1/(1-p) factor goes on the (B, H, Lg, hd) result, not on the probabilities
-            probs = apply_dropout(probs, p, training=True, scale=False, fast=self.fast_dropout)
-            return (torch.matmul(probs[..., :-1], v_p) + probs[..., -1:] * v_g) * (1.0 / (1.0 - p))
-        return torch.matmul(probs[..., :-1], v_p) + probs[..., -1:] * v_g
+        return attend(q_g, k_p, v_p, pcpt_masked, p, p > 0, self.fast_dropout, extra_score=to_self, extra_value=v_g)
 
 
 class GenerativeLayer(nn.Module):
