@@ -18,8 +18,9 @@ alone (``published`` + ``fast``, ``bucketed`` + ``framework``); ``--batches`` ba
 epoch 0 are timed after every shape was run once (JAX compiles one program per shape; the count
 and lengths an epoch needs are reported, and the seconds a new shape costs). The variants of a
 workload are timed interleaved (batch i of each, in an order that rotates, then batch i + 1), so a
-slow spell of the machine falls on all of them alike; each batch runs twice in a row and the
-faster run counts, so no variant pays for the memory state the previous one left. Padding is
+slow spell of the machine falls on all of them alike; each variant runs in a process of its own
+(as a trainer runs one model), one at a time, and each batch runs twice in a row with the
+faster run counting, so no variant pays for the state another one left. Padding is
 counted over the whole epoch; the program count and padding of other ``data.length_step`` values
 are reported beside it.
 
@@ -297,34 +298,91 @@ def shape_key(batch) -> tuple:
     return tuple(v.shape for k, v in sorted(batch.items()) if k.endswith("key_padding_mask"))
 
 
-def measure_together(variants: dict[str, tuple[Callable, list]], flops: Callable, n: int,
+def _variant_worker(conn, factory: tuple[str, tuple], batches: list) -> None:
+    """One variant in a process of its own, as a trainer runs one model: builds its step from
+    ``factory`` (a step maker's name in this module and its arguments) and runs what it is sent."""
+    import traceback
+
+    try:
+        name, args = factory
+        if "torch" in name or "torch" in args:
+            import torch
+
+            torch.set_num_threads(os.cpu_count() or 1)
+        step = globals()[name](*args)
+        conn.send(("ready",))
+        while (cmd := conn.recv())[0] != "stop":
+            if cmd[0] == "warmup":  # each distinct shape once (JAX compiles a program per shape)
+                t, seen = time.perf_counter(), set()
+                for b in batches:
+                    if (key := shape_key(b)) not in seen:
+                        seen.add(key)
+                        step(b)
+                conn.send(("warmup", time.perf_counter() - t, len(seen)))
+            else:  # ("time", batch index, repeats)
+                runs = []
+                for _ in range(cmd[2]):
+                    t = time.perf_counter()
+                    step(batches[cmd[1]])
+                    runs.append(time.perf_counter() - t)
+                conn.send(("time", runs))
+    except BaseException:  # noqa: BLE001 - the coordinator raises it with the variant's name
+        conn.send(("error", traceback.format_exc()))
+
+
+class _Variant:
+    """The coordinator's handle on one worker process."""
+
+    def __init__(self, ctx, name: str, factory: tuple[str, tuple], batches: list):
+        self.name, (self.conn, child) = name, ctx.Pipe()
+        self.process = ctx.Process(target=_variant_worker, args=(child, factory, batches), daemon=True)
+        self.process.start()
+
+    def ask(self, *cmd):
+        if cmd:
+            self.conn.send(cmd)
+        reply = self.conn.recv()
+        if reply[0] == "error":
+            raise RuntimeError(f"variant {self.name} failed in its worker:\n{reply[1]}")
+        return reply
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.conn.send(("stop",))
+        self.process.join(timeout=60)
+
+
+def measure_together(variants: dict[str, tuple[tuple[str, tuple], list]], flops: Callable, n: int,
                      repeats: int = REPEATS) -> dict[str, dict]:
     """Time ``spread(batches, n)`` of every variant, interleaved: in round i each variant runs batch i,
     ``repeats`` times in a row, and its fastest run counts. First each variant runs each of its
     distinct shapes once (JAX compiles a program per shape). A slow spell of this shared machine
-    then falls on all variants alike, so their ratios hold better than their absolute rates. A step
-    right after another variant's pays for that one's memory state (measured here: a short step
-    +15-20% after a long JAX step), which a trainer running one model never sees: hence the repeats,
-    and the order rotates each round so no variant always follows the same one."""
+    then falls on all variants alike, so their ratios hold better than their absolute rates. Each
+    variant runs in a process of its own (``variants`` maps a name to a step maker, as (its name
+    here, its arguments), and batches), as a trainer runs one model: in one process a variant
+    paid for the others' memory and runtime state (measured here: a short step +15-20% after a
+    long JAX step; JAX 0.95x torch among ten variants, 1.0x alone). Only one worker runs at a
+    time; the order rotates each round and the repeats absorb what is left of the switch."""
+    import multiprocessing
+
     timed = {name: spread(batches, n) for name, (_, batches) in variants.items()}
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs JAX and torch threads
+    workers = {name: _Variant(ctx, name, factory, timed[name]) for name, (factory, _) in variants.items()}
     out: dict[str, dict] = {}
-    for name, (step, _) in variants.items():
-        t, seen = time.perf_counter(), set()
-        for b in timed[name]:
-            if (key := shape_key(b)) not in seen:
-                seen.add(key)
-                step(b)
-        out[name] = {"warmup_seconds": time.perf_counter() - t, "warmup_shapes": len(seen), "step_seconds": []}
-    names = list(variants)
-    for i in range(max(len(b) for b in timed.values())):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            if i < len(timed[name]):
-                runs = []
-                for _ in range(repeats):
-                    t = time.perf_counter()
-                    variants[name][0](timed[name][i])
-                    runs.append(time.perf_counter() - t)
-                out[name]["step_seconds"].append(min(runs))
+    try:
+        for w in workers.values():
+            w.ask()  # ready
+        for name, w in workers.items():
+            _, seconds, n_shapes = w.ask("warmup")
+            out[name] = {"warmup_seconds": seconds, "warmup_shapes": n_shapes, "step_seconds": []}
+        names = list(variants)
+        for i in range(max(len(b) for b in timed.values())):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                if i < len(timed[name]):
+                    out[name]["step_seconds"].append(min(workers[name].ask("time", i, repeats)[1]))
+    finally:
+        for w in workers.values():
+            w.stop()
     for name, r in out.items():
         b, sec = timed[name], float(sum(r["step_seconds"]))
         r.update(batches=len(b), seconds=sec, real_tokens_per_s=sum(token_counts(x)[0] for x in b) / sec,
@@ -398,14 +456,14 @@ def main() -> None:
                 cache = {(b, pad): pretrain_batches(shards, tokens, b, pad) for b, pad in
                          (("published", False), ("published", True), ("bucketed", False))}
                 variants, meta = {}, {}
-                for backend, make in (("torch", torch_pretrain_step), ("jax", jax_pretrain_step)):
+                for backend, make in (("torch", "torch_pretrain_step"), ("jax", "jax_pretrain_step")):
                     kinds = [("published", "framework", 0.2), ("bucketed", "fast", 0.2), ("bucketed", "fast", 0.0)]
                     if cname == "shipped":
                         kinds += [("published", "fast", 0.2), ("bucketed", "framework", 0.2)]
                     for batching, masks, dropout in kinds:
                         batches = cache[batching, backend == "jax" and batching == "published"]
                         name = f"pretrain/{cname}/{backend}/{batching}/{masks}/dropout{dropout}"
-                        variants[name] = (make(len(vocab), dropout, masks), batches)
+                        variants[name] = ((make, (len(vocab), dropout, masks)), batches)
                         meta[name] = dict(padding=epoch_padding(batches), programs=len(shapes(batches)),
                                           lengths=[a + b for a, b in shapes(batches)] if backend == "jax" else None)
                 report(runs, measure_together(variants, lambda b: pretrain_flops(b, base), args.batches), meta)
@@ -420,17 +478,16 @@ def main() -> None:
                         masks = "framework" if batching == "published" else "fast"
                         batches = finetune_batches(ref, tokens, batching)
                         name = f"finetune/{cname}/{backend}/{batching}/{masks}/dropout0.2"
-                        variants[name] = (finetune_step(backend, ckpt, len(ref.class_names), masks), batches)
+                        variants[name] = (("finetune_step", (backend, ckpt, len(ref.class_names), masks)), batches)
                         meta[name] = dict(padding=epoch_padding(batches), programs=len(shapes(batches)))
                 report(runs, measure_together(variants, lambda b: pcpt_flops(b, base, True), args.batches), meta)
             if "embed" in workloads:
                 variants, meta = {}, {}
                 for backend in ("torch", "jax"):
-                    step = embed_step(backend, ckpt)
                     for batching in ("published", "bucketed"):
                         batches = embed_batches(ref, tokens, batching)
                         name = f"embed/{cname}/{backend}/{batching}"
-                        variants[name] = (step, batches)
+                        variants[name] = (("embed_step", (backend, ckpt)), batches)
                         meta[name] = dict(padding=epoch_padding(batches), programs=len(shapes(batches)))
                 report(runs, measure_together(variants, lambda b: pcpt_flops(b, base, False), args.batches), meta)
     gemm = result["gemm_flops_per_s"]
