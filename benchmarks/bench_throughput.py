@@ -298,6 +298,19 @@ def shape_key(batch) -> tuple:
     return tuple(v.shape for k, v in sorted(batch.items()) if k.endswith("key_padding_mask"))
 
 
+def _release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc keeps them): idle workers must not hold their
+    peak while another one runs, or ten of them outgrow this machine's memory."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _variant_worker(conn, factory: tuple[str, tuple], batches: list) -> None:
     """One variant in a process of its own, as a trainer runs one model: builds its step from
     ``factory`` (a step maker's name in this module and its arguments) and runs what it is sent."""
@@ -318,14 +331,16 @@ def _variant_worker(conn, factory: tuple[str, tuple], batches: list) -> None:
                     if (key := shape_key(b)) not in seen:
                         seen.add(key)
                         step(b)
-                conn.send(("warmup", time.perf_counter() - t, len(seen)))
+                reply = ("warmup", time.perf_counter() - t, len(seen))
             else:  # ("time", batch index, repeats)
                 runs = []
                 for _ in range(cmd[2]):
                     t = time.perf_counter()
                     step(batches[cmd[1]])
                     runs.append(time.perf_counter() - t)
-                conn.send(("time", runs))
+                reply = ("time", runs)
+            _release_free_memory()  # before replying: the next worker's timing starts on the reply
+            conn.send(reply)
     except BaseException:  # noqa: BLE001 - the coordinator raises it with the variant's name
         conn.send(("error", traceback.format_exc()))
 
@@ -341,7 +356,12 @@ class _Variant:
     def ask(self, *cmd):
         if cmd:
             self.conn.send(cmd)
-        reply = self.conn.recv()
+        try:
+            reply = self.conn.recv()
+        except EOFError:
+            self.process.join(timeout=10)
+            raise RuntimeError(f"variant {self.name}: its worker died (exit code {self.process.exitcode}; "
+                               f"-9 is the kernel's out-of-memory kill)") from None
         if reply[0] == "error":
             raise RuntimeError(f"variant {self.name} failed in its worker:\n{reply[1]}")
         return reply

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +19,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from ricefm.atomic import atomic_file
 from ricefm.backends import Embedder, get_backend
 from ricefm.batching import TokenSpec
 from ricefm.cells import TokenizedCells
@@ -102,20 +102,13 @@ def write_h5ad_additions(input_path: Path, output_path: Path, add: Callable[[h5p
     """A copy of the input file changed by ``add(h5py file)`` (new obs/obsm/uns entries), written
     under a temporary name beside ``output_path`` and renamed over it when complete."""
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".h5ad", dir=output_path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(output_path, ".h5ad") as tmp:
         shutil.copyfile(input_path, tmp)
         with h5py.File(tmp, "a") as f:
             for group in ("obsm", "uns"):
                 if group not in f:
                     ad.io.write_elem(f, group, {})
             add(f)
-        os.replace(tmp, output_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_embeddings(input_path: Path, output_path: Path, emb: np.ndarray, info: dict[str, Any]) -> None:

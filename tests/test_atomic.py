@@ -91,3 +91,18 @@ def test_kill_9_at_random_points_never_leaves_a_broken_or_missing_folder(tmp_pat
         seen.append(assert_complete(target))
         assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert max(seen) > 0  # the kills landed while versions were being written
+
+
+def test_atomic_file_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "data.h5ad"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_file(target, ".h5ad") as tmp:
+            assert tmp.parent == tmp_path and tmp.suffix == ".h5ad" and tmp != target
+            tmp.write_text("half")
+            raise RuntimeError("writer died")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["data.h5ad"]
+    with atomic.atomic_file(target, ".h5ad") as tmp:
+        tmp.write_text("new")
+        assert target.read_text() == "old"  # readers see the old file until the block ends
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["data.h5ad"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anndata as ad
 
+from ricefm.atomic import atomic_file
 from ricefm.errors import RiceFMInputError
 
 
@@ -35,7 +36,8 @@ def _pbmc68k_reduced() -> EvalDataset:
     a = sc.datasets.pbmc68k_reduced()
     out = ad.AnnData(X=a.raw.X.copy(), obs=a.obs[["bulk_labels", "phase"]].copy(), var=a.raw.var[[]].copy())
     path = Path(tempfile.gettempdir()) / "ricefm_pbmc68k_reduced_raw.h5ad"
-    out.write_h5ad(path)
+    with atomic_file(path, ".h5ad") as tmp:  # concurrent runs (two test suites) share this path
+        out.write_h5ad(tmp)
     return EvalDataset("pbmc68k_reduced", path, "bulk_labels")
 
 
