@@ -6,10 +6,12 @@ than the attention matmuls themselves. Here a mask element is a 16-bit uniform d
 with ``round(keep_prob * 2**16)``, four draws from each random 64-bit word, so the
 rate is the configured one to within 2**-17. The 64-bit words come from NumPy's SFC64 seeded by
 one draw of torch's generator (``torch.manual_seed`` and saved RNG states keep runs reproducible),
-~3x faster than torch's mt19937; the mask costs ~1/4 of ``F.dropout``'s. In the throughput
-benchmark (base config, 2 cores) a training step at dropout 0.2 takes 1.19x the dropout-free one
-on the shipped cells and 1.29x on longer (median 1,500 genes) synthetic cells. CUDA and NPU keep
-torch's fused dropout kernels. Mirrors ``ricefm_jax/dropout.py``.
+~3x faster than torch's mt19937. Float32 masks are written as 0/1 by the compare and applied by a
+multiply, which vectorises (``where`` and ``masked_fill`` do not, here). In the throughput
+benchmark (base config, 2 cores) a training step at dropout 0.2 takes 1.07x the dropout-free one
+on the shipped cells and 1.17x on longer (median 1,500 genes) synthetic cells, the attention's
+share fused into ``ricefm_npu.attention.SoftmaxAttention``. CUDA and NPU keep torch's fused
+dropout kernels. Mirrors ``ricefm_jax/dropout.py``.
 """
 
 from __future__ import annotations
