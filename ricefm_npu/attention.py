@@ -50,10 +50,11 @@ class SoftmaxAttention(torch.autograd.Function):
     ``keep`` (attention dropout; its 1/(1-p) left to the caller) if given, in as few (B, H, Lq, Lk)
     tensors as the maths allows: forward allocates the scores, which the softmax overwrites, and
     the dropped probabilities (in the mask's own buffer, which the call consumes); backward
-    allocates one gradient and works in it. Autograd's ops take three or four such tensors forward
-    and three to six backward, and on CPU they dominate the step. ``extra_score`` (B, H, Lq, 1) and ``extra_value``
-    (B, H, Lq, hd) are one more key per query: the gen stream's own token. With dropout the
-    softmax gradient is y*g - p*sum(y*g) (y the dropped probabilities), so no mask is kept."""
+    allocates one gradient and works in it. Autograd's ops take three or four such tensors
+    forward and three to six backward, and on CPU they dominate the step. ``extra_score``
+    (B, H, Lq, 1) and ``extra_value`` (B, H, Lq, hd) are one more key per query: the gen stream's
+    own token. With dropout the softmax gradient is y*g - p*sum(y*g) (y the dropped
+    probabilities), so no mask is kept."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, extra_score, extra_value, keep):

@@ -40,5 +40,6 @@ def test_torch_softmax_attention_gradients_are_exact(own_token, drop):
     d_out = torch.randn(B, H, Lq, hd, generator=g, dtype=torch.float64)
     # DESIGN.md's output and gradient tolerances (here float64, so far inside them)
     torch.testing.assert_close(fused(*inputs), plain(*inputs), rtol=1e-5, atol=1e-5)
-    for a, b in zip(torch.autograd.grad(fused(*inputs), leaves, d_out), torch.autograd.grad(plain(*inputs), leaves, d_out)):
+    got, want = (torch.autograd.grad(f(*inputs), leaves, d_out) for f in (fused, plain))
+    for a, b in zip(got, want):
         assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max())
