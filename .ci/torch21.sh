@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI lane: the torch backend on the Ascend stack's torch, 2.1.0 (riceFM's own NPU environment is torch /
 # torch-npu 2.1.0), with numpy<2 as torch < 2.3 requires. Runs the torch-backend tests: fixture, training
-# (DDP, resume, AMP), devices with the mocked torch_npu, the fused attention's backward, embed, the converters' torch side, doctor.
+# (DDP, resume, AMP), devices with the mocked torch_npu, the fused attention's backward, embed, the
+# converters' torch side, doctor.
 # PyPI's torch 2.1.0 is the CUDA build (~3 GB with its nvidia wheels, ~50 s from a warm pip cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -181,4 +181,3 @@ def test_model_dropout_modules_follow_config(backend):
     assert not any(m.fast for m in drops)
     with pytest.raises(ValueError, match="dropout_masks"):
         model.set_dropout_masks("cheap")
-
