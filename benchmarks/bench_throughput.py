@@ -11,6 +11,8 @@ Base-config model (d 256, 4 heads, 6 layers), fp32, on this machine. Workloads:
 Corpora: the shipped 2,000 rice root cells (median 512 non-zero genes, p90 968, max 1,556) and a
 synthetic plant-like corpus of 2,000 cells whose gene counts are log-normal with median 1,500,
 sigma 0.5, clipped to [200, 3,000] (deep plant scRNA-seq / spatial profiles).
+Every variant's process keeps its freed host memory as the trainers do (``train.host_memory=keep``,
+``ricefm/host_memory.py``); shipped pretraining also runs with glibc's default (``.../release``).
 Variants: ``published`` batching with the frameworks' own dropout masks (the behaviour before this
 work: torch pads to the longest cell, the JAX trainer pads every batch to max_seq_len) against
 ``bucketed`` with ``fast`` masks, that at dropout 0 too, and (shipped pretraining) each change
@@ -311,12 +313,16 @@ def _release_free_memory() -> None:
         pass
 
 
-def _variant_worker(conn, factory: tuple[str, tuple], batches: list) -> None:
+def _variant_worker(conn, factory: tuple[str, tuple], batches: list, host_memory: str) -> None:
     """One variant in a process of its own, as a trainer runs one model: builds its step from
-    ``factory`` (a step maker's name in this module and its arguments) and runs what it is sent."""
+    ``factory`` (a step maker's name in this module and its arguments) and runs what it is sent,
+    its host memory set up as the trainers do (``train.host_memory``)."""
     import traceback
 
     try:
+        from ricefm.host_memory import apply_host_memory
+
+        apply_host_memory(host_memory)  # before JAX or torch start their threads, as the trainers do
         name, args = factory
         if "torch" in name or "torch" in args:
             import torch
@@ -325,6 +331,11 @@ def _variant_worker(conn, factory: tuple[str, tuple], batches: list) -> None:
         step = globals()[name](*args)
         conn.send(("ready",))
         while (cmd := conn.recv())[0] != "stop":
+            if cmd[0] == "peak_rss":  # the most resident memory this worker ever held (Linux: KiB)
+                import resource
+
+                conn.send(("peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+                continue
             if cmd[0] == "warmup":  # each distinct shape once (JAX compiles a program per shape)
                 t, seen = time.perf_counter(), set()
                 for b in batches:
@@ -348,9 +359,9 @@ def _variant_worker(conn, factory: tuple[str, tuple], batches: list) -> None:
 class _Variant:
     """The coordinator's handle on one worker process."""
 
-    def __init__(self, ctx, name: str, factory: tuple[str, tuple], batches: list):
+    def __init__(self, ctx, name: str, factory: tuple[str, tuple], batches: list, host_memory: str):
         self.name, (self.conn, child) = name, ctx.Pipe()
-        self.process = ctx.Process(target=_variant_worker, args=(child, factory, batches), daemon=True)
+        self.process = ctx.Process(target=_variant_worker, args=(child, factory, batches, host_memory), daemon=True)
         self.process.start()
 
     def ask(self, *cmd):
@@ -373,7 +384,7 @@ class _Variant:
 
 
 def measure_together(variants: dict[str, tuple[tuple[str, tuple], list]], flops: Callable, n: int,
-                     repeats: int = REPEATS) -> dict[str, dict]:
+                     repeats: int = REPEATS, host_memory: dict[str, str] | None = None) -> dict[str, dict]:
     """Time ``spread(batches, n)`` of every variant, interleaved: in round i each variant runs batch i,
     ``repeats`` times in a row, and its fastest run counts. First each variant runs each of its
     distinct shapes once (JAX compiles a program per shape). A slow spell of this shared machine
@@ -382,12 +393,17 @@ def measure_together(variants: dict[str, tuple[tuple[str, tuple], list]], flops:
     here, its arguments), and batches), as a trainer runs one model: in one process a variant
     paid for the others' memory and runtime state (measured here: a short step +15-20% after a
     long JAX step; JAX 0.95x torch among ten variants, 1.0x alone). Only one worker runs at a
-    time; the order rotates each round and the repeats absorb what is left of the switch."""
+    time; the order rotates each round and the repeats absorb what is left of the switch. Workers
+    keep their freed host memory (``ricefm.host_memory``) unless ``host_memory`` maps their name to
+    ``release``; between commands every worker hands its free pages back, so the first repeat may
+    fault them in again and a kept heap shows from the second on (as in a trainer's steady state).
+    Each variant's peak resident memory is reported too."""
     import multiprocessing
 
     timed = {name: spread(batches, n) for name, (_, batches) in variants.items()}
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs JAX and torch threads
-    workers = {name: _Variant(ctx, name, factory, timed[name]) for name, (factory, _) in variants.items()}
+    workers = {name: _Variant(ctx, name, factory, timed[name], (host_memory or {}).get(name, "keep"))
+               for name, (factory, _) in variants.items()}
     out: dict[str, dict] = {}
     try:
         for w in workers.values():
@@ -400,6 +416,8 @@ def measure_together(variants: dict[str, tuple[tuple[str, tuple], list]], flops:
             for name in names[i % len(names):] + names[:i % len(names)]:
                 if i < len(timed[name]):
                     out[name]["step_seconds"].append(min(workers[name].ask("time", i, repeats)[1]))
+        for name, w in workers.items():
+            out[name]["peak_rss_bytes"] = w.ask("peak_rss")[1]
     finally:
         for w in workers.values():
             w.stop()
@@ -475,18 +493,24 @@ def main() -> None:
             if "pretrain" in workloads:
                 cache = {(b, pad): pretrain_batches(shards, tokens, b, pad) for b, pad in
                          (("published", False), ("published", True), ("bucketed", False))}
-                variants, meta = {}, {}
+                variants, meta, memory = {}, {}, {}
                 for backend, make in (("torch", "torch_pretrain_step"), ("jax", "jax_pretrain_step")):
-                    kinds = [("published", "framework", 0.2), ("bucketed", "fast", 0.2), ("bucketed", "fast", 0.0)]
-                    if cname == "shipped":
-                        kinds += [("published", "fast", 0.2), ("bucketed", "framework", 0.2)]
-                    for batching, masks, dropout in kinds:
+                    kinds = [("published", "framework", 0.2, "keep"), ("bucketed", "fast", 0.2, "keep"),
+                             ("bucketed", "fast", 0.0, "keep")]
+                    if cname == "shipped":  # each change alone, and glibc's default host memory
+                        kinds += [("published", "fast", 0.2, "keep"), ("bucketed", "framework", 0.2, "keep"),
+                                  ("bucketed", "fast", 0.2, "release")]
+                    for batching, masks, dropout, host_memory in kinds:
                         batches = cache[batching, backend == "jax" and batching == "published"]
                         name = f"pretrain/{cname}/{backend}/{batching}/{masks}/dropout{dropout}"
+                        if host_memory == "release":
+                            name += "/release"
+                            memory[name] = "release"
                         variants[name] = ((make, (len(vocab), dropout, masks)), batches)
                         meta[name] = dict(padding=epoch_padding(batches), programs=len(shapes(batches)),
                                           lengths=[a + b for a, b in shapes(batches)] if backend == "jax" else None)
-                report(runs, measure_together(variants, lambda b: pretrain_flops(b, base), args.batches), meta)
+                report(runs, measure_together(variants, lambda b: pretrain_flops(b, base), args.batches,
+                                              host_memory=memory), meta)
                 result.setdefault("length_steps", {})[cname] = {
                     str(step): {"programs": len(shapes(b)), "padding": epoch_padding(b)}
                     for step in LENGTH_STEPS for b in [pretrain_batches(shards, tokens, "bucketed", False, step)]}
@@ -534,6 +558,9 @@ def ratios(runs: dict) -> dict:
             pre = f"pretrain/{corpus_name}/{backend}"
             now, today = rate(f"{pre}/bucketed/fast/dropout0.2"), rate(f"{pre}/published/framework/dropout0.2")
             off = rate(f"{pre}/bucketed/fast/dropout0.0")
+            released = rate(f"{pre}/bucketed/fast/dropout0.2/release")
+            if now and released:
+                out[f"{pre}: host memory keep / release (real tokens/s)"] = now / released
             if now and today:
                 out[f"{pre}: now / before (real tokens/s)"] = now / today
             if now and off:

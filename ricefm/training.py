@@ -27,6 +27,7 @@ from ricefm.batching import (BATCHING, BatchStream, TokenSpec, collate_generativ
                              token_budget_batches)
 from ricefm.dropout import MASKS
 from ricefm.errors import RiceFMInputError, did_you_mean
+from ricefm.host_memory import apply_host_memory, check_host_memory
 from ricefm.init import initial_state
 from ricefm.locks import ExclusiveLock
 from ricefm.shards import ShardedCells
@@ -104,6 +105,7 @@ def check_settings(cfg: ml_collections.ConfigDict) -> None:
                                f"least data.max_seq_len ({cfg.data.max_seq_len}), so that a full-length cell fits")
     if budget and cfg.data.batching != "bucketed":
         raise RiceFMInputError(f"--config.data.tokens_per_batch={budget} needs --config.data.batching=bucketed")
+    check_host_memory(cfg.train.get("host_memory", "keep"))
     if cfg.optim.schedule != "cosine":
         raise RiceFMInputError(f"--config.optim.schedule={cfg.optim.schedule!r}: only 'cosine' (with warmup) is supported")
 
@@ -493,6 +495,7 @@ def main(flag_values: dict[str, Any], train: Callable[..., dict[str, Any]]) -> N
     if flag_values["data"].value:
         cfg.data.data_dir = flag_values["data"].value
     try:
+        apply_host_memory(cfg.train.get("host_memory", "keep"))  # before JAX or torch start their threads
         summary = train(cfg, flag_values["workdir"].value, device=flag_values["device"].value,
                         resume=flag_values["resume"].value)
     except RiceFMInputError as e:

@@ -345,5 +345,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def console_main() -> int:
+    """The ``ricefm`` command: :func:`main` in a process that keeps its freed memory (``ricefm.host_memory``)."""
+    from ricefm.host_memory import keep_freed_memory
+
+    keep_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -153,6 +153,7 @@ def test_both_entry_points_take_the_same_flags_and_train_alike_from_scratch(data
     ("data.batch_size", 0, "data.batch_size=0: must be at least 1"),
     ("data.gen_ratios", (0.5, 1.0), r"gen_ratios=\(0.5, 1.0\): fractions strictly between 0 and 1"),
     ("train.checkpoint_every", 0, "checkpoint_every=0: must be at least 1"),
+    ("train.host_memory", "never", "train.host_memory='never': choose one of keep, release"),
 ])
 def test_settings_that_cannot_train_are_refused_before_any_work(field, value, message):
     cfg = tiny.get_config()
