@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
     # JAX: compiled step programs are kept here and reused by --resume and later runs ("auto": WORKDIR/xla_cache;
     # "": none); several runs may share one directory. The torch trainer has nothing to compile.
     c.train.compilation_cache = "auto"
-    # keep: the process reuses freed host memory instead of faulting it in again every step (CPU steps 15-25% faster;
-    # JAX's peak RSS can be higher, 9.9 vs 7.2 GB at batch 8: ricefm/host_memory.py); release: glibc's defaults
+    # keep: the process reuses freed host memory instead of faulting it in again every step (faster CPU steps; the
+    # process holds its peak memory: ricefm/host_memory.py); release: glibc's defaults
     c.train.host_memory = "keep"
     return c

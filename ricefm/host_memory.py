@@ -4,12 +4,11 @@ A training step allocates the same large buffers every step: XLA's temporary buf
 cells of 600 + 600 tokens on CPU) and torch's activations. glibc serves every allocation above
 32 MiB, and every one above 64 MiB made by a thread other than the main one (XLA runs on its own
 thread pool), with a fresh ``mmap`` and unmaps it on ``free``, so the next step faults in and zeroes
-every page again. Measured here (2 cores, base config, batch 8, 12 bucketed shapes cycled):
-glibc's default costs a JAX CPU step 0.5-1.2 million minor page faults and 1-4 s of system time
-(6 million a round of 12 steps); with :func:`keep_freed_memory` a round runs without faults after
-the heap has grown, 35 s instead of 45 s (JAX) and 38 s instead of 45 s (torch). The price is
-memory: the process keeps its heap, and a freed buffer too small for the next shape stays in it,
-so JAX's peak resident memory rose from 7.2 to 9.9 GB there (torch's: 6.2 GB either way).
+every page again: measured here (2 cores, base config, batch 8), 0.5-1.2 million minor page faults
+and 1-4 s of system time per JAX CPU step, about a quarter of its CPU time. With
+:func:`keep_freed_memory` steps run without faults once the heap has grown (``bench_throughput.py``
+reports the gain and peak memory as ``host memory keep / release``). The price is memory: the
+process keeps its peak, and a freed buffer too small for the next shape stays in its heap.
 
 The trainers' ``__main__``, the ``ricefm`` command and the benchmarks call it first thing (before
 JAX or torch start their threads); ``--config.train.host_memory=release`` turns it off for a run.
