@@ -303,14 +303,12 @@ def shape_key(batch) -> tuple:
 def _release_free_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc keeps them): idle workers must not hold their
     peak while another one runs, or ten of them outgrow this machine's memory."""
-    import ctypes
     import gc
 
+    from ricefm.host_memory import release_free_pages
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    release_free_pages()
 
 
 def _variant_worker(conn, factory: tuple[str, tuple], batches: list, host_memory: str) -> None:

@@ -26,26 +26,41 @@ HOST_MEMORY = ("keep", "release")
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
+def glibc() -> ctypes.CDLL | None:
+    """The running glibc, or None under another C library (where nothing here applies)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc reuse freed memory: one heap for all threads (the main heap is the only one
     that grows past 64 MiB without ``mmap``), no ``mmap`` allocations and no trimming. Returns
     whether it applied (False on other C libraries, where it does nothing)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    libc = glibc()
+    if libc is None:
         return False
     # arenas first: a thread picks its heap at its first allocation, so this must precede the threads
-    return all(mallopt(param, value) == 1 for param, value in
+    return all(libc.mallopt(param, value) == 1 for param, value in
                ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))  # -1: never trim
 
 
-def check_host_memory(mode: str, field: str = "--config.train.host_memory") -> None:
+def release_free_pages() -> None:
+    """Hand the heap's free pages back to the OS now (``malloc_trim``), kept heap or not: for a process
+    that idles at its peak while others need the memory."""
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def check_host_memory(mode: str) -> None:
     from ricefm.errors import RiceFMInputError
 
     if mode not in HOST_MEMORY:
-        raise RiceFMInputError(f"{field}={mode!r}: choose one of {', '.join(HOST_MEMORY)}")
+        raise RiceFMInputError(f"--config.train.host_memory={mode!r}: choose one of {', '.join(HOST_MEMORY)}")
 
 
 def apply_host_memory(mode: str) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import re
 import subprocess
 import sys
@@ -10,14 +9,15 @@ import sys
 import pytest
 
 from ricefm.errors import RiceFMInputError
+from ricefm import host_memory
 from ricefm.host_memory import apply_host_memory, check_host_memory
 
 # One 4096 x 4096 fp32 array (64 MiB = 16,384 pages of 4 KiB) made and freed per step: by torch on the main
 # thread (its third step's page faults are printed) and by JAX (XLA's output buffer, from its own threads).
 # Then glibc's malloc_stats (to stderr): how many heaps ("Arena N"), and the most bytes ever held by mmap.
 PROBE = """
-import ctypes, resource, sys
-from ricefm.host_memory import apply_host_memory
+import resource, sys
+from ricefm.host_memory import apply_host_memory, glibc
 applied = apply_host_memory(sys.argv[1])
 import jax, jax.numpy as jnp, torch
 square = jax.jit(lambda x: x @ x.T)
@@ -30,12 +30,11 @@ for _ in range(3):
     torch.ones(4096, 4096).sum()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(applied, faults[-1], flush=True)
-ctypes.CDLL("libc.so.6").malloc_stats()
+glibc().malloc_stats()
 """
 PAGES = 4096 * 4096 * 4 // 4096
 
-glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                           reason="mallopt settings exist in glibc only")
+glibc = pytest.mark.skipif(host_memory.glibc() is None, reason="mallopt settings exist in glibc only")
 
 
 def probe(mode: str) -> tuple[str, int, int, int]:
