@@ -19,7 +19,7 @@ import ml_collections
 from flax import nnx
 
 from ricefm.dropout import MASKS
-from ricefm_jax.attention import get_attention
+from ricefm_jax.attention import attend, get_attention, masked_bias
 from ricefm_jax.dropout import Dropout
 
 
@@ -103,20 +103,9 @@ class GenerativeSelfAttention(nnx.Module):
     def _gen_attention_math(self, q_g, k_g, v_g, k_p, v_p, pcpt_masked, gen_pad):
         """Exact gen attention without the (Lg x Lg) block that is all masked but its diagonal."""
         scale = 1.0 / math.sqrt(self.head_dim)
-        to_pcpt = jnp.einsum("bqhd,bkhd->bhqk", q_g, k_p) * scale
-        to_pcpt = jnp.where(pcpt_masked, -jnp.inf, to_pcpt)
-        to_self = jnp.einsum("bqhd,bqhd->bhq", q_g, k_g)[..., None] * scale
-        to_self = jnp.where(gen_pad[:, None, :, None], -jnp.inf, to_self)
-        # softmax over [to_pcpt ; to_self] without materialising the concatenation
-        top = jax.lax.stop_gradient(jnp.maximum(to_pcpt.max(-1, keepdims=True), to_self))
-        e_pcpt, e_self = jnp.exp(to_pcpt - top), jnp.exp(to_self - top)
-        total = e_pcpt.sum(-1, keepdims=True) + e_self
-        p_pcpt, p_self = e_pcpt / total, e_self / total
-        keep = self.attn_dropout.keep_mask(p_pcpt.shape[:-1] + (p_pcpt.shape[-1] + 1,))  # columns [pcpt ; self]
-        if keep is not None:
-            p_pcpt, p_self = jnp.where(keep[..., :-1], p_pcpt, 0.0), jnp.where(keep[..., -1:], p_self, 0.0)
-        out = jnp.einsum("bhqk,bkhd->bqhd", p_pcpt, v_p)
-        return (out + jnp.swapaxes(p_self, 1, 2) * v_g) * self.attn_dropout.output_scale()
+        to_self = jnp.einsum("bqhd,bqhd->bhq", q_g, k_g)[..., None] * scale + masked_bias(gen_pad[:, None, :, None],
+                                                                                         q_g.dtype)
+        return attend(q_g, k_p, v_p, pcpt_masked, self.attn_dropout, extra_score=to_self, extra_value=v_g)
 
 
 class GenerativeLayer(nnx.Module):
