@@ -19,8 +19,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-
-
 def _lowbias32(x: jax.Array) -> jax.Array:
     x = x ^ (x >> 16)
     x = x * jnp.uint32(0x7FEB352D)
