@@ -12,7 +12,7 @@ from ricefm_jax import attention as jax_attention
 
 def float64():
     """float64 for one block: ``jax.enable_x64(True)`` on new JAX, ``jax.experimental.enable_x64()`` before."""
-    if hasattr(jax.config, "jax_enable_x64") and callable(getattr(jax, "enable_x64", None)):
+    if callable(getattr(jax, "enable_x64", None)):
         return jax.enable_x64(True)
     from jax.experimental import enable_x64
 
