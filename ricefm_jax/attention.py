@@ -25,24 +25,34 @@ def masked_bias(masked: jax.Array, dtype) -> jax.Array:
     return jnp.where(masked, -jnp.inf, jnp.zeros((), dtype))
 
 
+def _dropped(x: jax.Array, keep: jax.Array | None) -> jax.Array:
+    """``x`` zeroed where ``keep`` is False (as is, without a mask)."""
+    return x if keep is None else jnp.where(keep, x, 0.0)
+
+
+def _split_mask(keep: jax.Array | None, n: int) -> tuple[jax.Array | None, jax.Array | None]:
+    """The mask's columns for the ``n`` keys and for the extra (own-token) key."""
+    return (None, None) if keep is None else (keep[..., :n], keep[..., n:])
+
+
 def _softmax_forward(q, k, v, bias, keep, extra_score, extra_value):
-    n = k.shape[1]
+    extra = extra_score is not None
+    keys, own = _split_mask(keep, k.shape[1])
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) + bias
     top = scores.max(-1, keepdims=True)
-    if extra_score is not None:
+    if extra:
         top = jnp.maximum(top, extra_score)
     e = jnp.exp(scores - top)
     total = e.sum(-1, keepdims=True)
-    if extra_score is not None:
+    if extra:
         e_extra = jnp.exp(extra_score - top)
         total = total + e_extra
     probs = e / total
-    p_extra = e_extra / total if extra_score is not None else None
-    kept = probs if keep is None else jnp.where(keep[..., :n], probs, 0.0)
-    out = jnp.einsum("bhqk,bkhd->bqhd", kept, v)
-    if extra_score is not None:
-        k_extra = p_extra if keep is None else jnp.where(keep[..., n:], p_extra, 0.0)
-        out = out + jnp.swapaxes(k_extra, 1, 2) * extra_value
+    out = jnp.einsum("bhqk,bkhd->bqhd", _dropped(probs, keys), v)
+    if not extra:
+        return out, (q, k, v, probs, None, keep, extra_value)
+    p_extra = e_extra / total
+    out = out + jnp.swapaxes(_dropped(p_extra, own), 1, 2) * extra_value
     return out, (q, k, v, probs, p_extra, keep, extra_value)
 
 
@@ -60,26 +70,21 @@ def softmax_attention(q, k, v, bias, keep, extra_score, extra_value):
 
 def _softmax_attention_bwd(residuals, d_out):
     q, k, v, probs, p_extra, keep, extra_value = residuals
-    n, extra = k.shape[1], extra_value is not None
-    kept = probs if keep is None else jnp.where(keep[..., :n], probs, 0.0)
-    d_v = jnp.einsum("bhqk,bqhd->bkhd", kept, d_out)
-    d_kept = jnp.einsum("bqhd,bkhd->bhqk", d_out, v)
-    if keep is not None:
-        d_kept = jnp.where(keep[..., :n], d_kept, 0.0)
+    extra = extra_value is not None
+    keys, own = _split_mask(keep, k.shape[1])
+    d_v = jnp.einsum("bhqk,bqhd->bkhd", _dropped(probs, keys), d_out)
+    d_kept = _dropped(jnp.einsum("bqhd,bkhd->bhqk", d_out, v), keys)
     dot = (probs * d_kept).sum(-1, keepdims=True)
     if extra:
-        d_kept_extra = jnp.einsum("bqhd,bqhd->bhq", d_out, extra_value)[..., None]
-        if keep is not None:
-            d_kept_extra = jnp.where(keep[..., n:], d_kept_extra, 0.0)
+        d_kept_extra = _dropped(jnp.einsum("bqhd,bqhd->bhq", d_out, extra_value)[..., None], own)
         dot = dot + p_extra * d_kept_extra
     d_scores = probs * (d_kept - dot)
     d_q = jnp.einsum("bhqk,bkhd->bqhd", d_scores, k)
     d_k = jnp.einsum("bhqk,bqhd->bkhd", d_scores, q)
     if not extra:
         return d_q, d_k, d_v, None, None, None, None
-    k_extra = p_extra if keep is None else jnp.where(keep[..., n:], p_extra, 0.0)
     return (d_q, d_k, d_v, None, None, p_extra * (d_kept_extra - dot),
-            jnp.swapaxes(k_extra, 1, 2) * d_out)
+            jnp.swapaxes(_dropped(p_extra, own), 1, 2) * d_out)
 
 
 softmax_attention.defvjp(_softmax_forward, _softmax_attention_bwd)

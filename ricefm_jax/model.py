@@ -103,8 +103,8 @@ class GenerativeSelfAttention(nnx.Module):
     def _gen_attention_math(self, q_g, k_g, v_g, k_p, v_p, pcpt_masked, gen_pad):
         """Exact gen attention without the (Lg x Lg) block that is all masked but its diagonal."""
         scale = 1.0 / math.sqrt(self.head_dim)
-        to_self = jnp.einsum("bqhd,bqhd->bhq", q_g, k_g)[..., None] * scale + masked_bias(gen_pad[:, None, :, None],
-                                                                                         q_g.dtype)
+        to_self = jnp.einsum("bqhd,bqhd->bhq", q_g, k_g)[..., None] * scale
+        to_self = to_self + masked_bias(gen_pad[:, None, :, None], q_g.dtype)
         return attend(q_g, k_p, v_p, pcpt_masked, self.attn_dropout, extra_score=to_self, extra_value=v_g)
 
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from ricefm.errors import RiceFMInputError
 from ricefm import host_memory
+from ricefm.errors import RiceFMInputError
 from ricefm.host_memory import apply_host_memory, check_host_memory
 
 # One 4096 x 4096 fp32 array (64 MiB = 16,384 pages of 4 KiB) made and freed per step: by torch on the main

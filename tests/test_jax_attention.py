@@ -51,8 +51,7 @@ def test_jax_softmax_attention_gradients_are_exact(own_token, drop):
         d_out = jnp.asarray(rng.standard_normal((B, Lq, H, hd)))
         # DESIGN.md's output and gradient tolerances (here float64, so far inside them)
         np.testing.assert_allclose(fused(*inputs), plain(*inputs), rtol=1e-5, atol=1e-5)
-        argnums = tuple(range(5 if own_token else 3))
-        got, want = (jax.vjp(lambda *a: f(*a, *inputs[len(argnums):]), *inputs[:len(argnums)])[1](d_out)
-                     for f in (fused, plain))
+        n_diff = 5 if own_token else 3  # the inputs that are arrays
+        got, want = (jax.vjp(lambda *a: f(*a, *inputs[n_diff:]), *inputs[:n_diff])[1](d_out) for f in (fused, plain))
         for a, b in zip(got, want):
             assert float(jnp.abs(a - b).max()) <= 1e-4 * float(jnp.abs(b).max())
